@@ -1,0 +1,61 @@
+# flaresweep — `make help` lists the targets. Every Python target sets up .venv on first use.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.flaresweep-installed
+
+# Sweep knobs: `make sweep SPACE=table1 DATA=/data/Flare7Kpp CKPT=/ckpt/net_g_last.pth`
+SPACE    ?= demo
+DATA     ?=
+CKPT     ?=
+STORAGE  ?=
+SWEEP_ARGS ?=
+SPACE_FILE := search_spaces/$(SPACE).yaml
+SWEEP_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(STORAGE),--storage $(STORAGE)) $(SWEEP_ARGS)
+
+.PHONY: help setup sweep table1 status test test-fast lint bench horovod clean distclean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, CKPT=, STORAGE=, SWEEP_ARGS="
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP) ## Create .venv and install flaresweep with its dependencies (once)
+
+sweep: $(STAMP) ## Run (or resume) the sweep SPACE (default: the embedded CPU demo)
+	$(PY) sweep.py run $(SWEEP_OPTS)
+
+table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), deltas and figures for SPACE into results/
+	$(PY) sweep.py table1 --space $(SPACE_FILE)
+
+status: $(STAMP) ## One line per cell of SPACE: done / running / failed / pending
+	$(PY) sweep.py status --space $(SPACE_FILE)
+
+test: $(STAMP) ## Run every test, slow end-to-end ones included (what CI runs)
+	$(PY) -m pytest
+
+test-fast: $(STAMP) ## Run the tests, skipping the slow end-to-end ones
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP) ## ruff over the code
+	$(PY) -m ruff check .
+
+bench: $(STAMP) ## Run the benchmarks in bench/ (prints side-by-side ratios)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+horovod: $(STAMP) ## Build Horovod 0.28.1 (patched for C++20) into .venv; optional backend
+	bash scripts/build_horovod.sh $(PY)
+
+clean: ## Remove generated results (keeps .venv and caches)
+	find results -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+
+distclean: clean ## Also remove .venv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,211 @@
+"""TrialConfig: everything one trial needs, frozen, built once from a plain dict.
+
+One name, one meaning: `k`, `lambda_`, `delta`, `margin`, ... are spelled the same in the
+search-space YAML, here, in the results' `config.json` and in the Table 1 DataFrame columns.
+`TrialConfig.from_dict` rejects unknown keys (a typo in a search space is an error naming the key,
+never a silent default) and out-of-range values, raising `UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any, get_args, get_type_hints
+
+from cascade.errors import UserError
+from cascade.losses import DEFAULT_DELTA, DEFAULT_MARGIN
+
+KINDS = ("cascade", "reference")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("fp32", "bf16")
+BACKENDS = ("none", "ddp", "horovod")
+PROTOCOLS = ("masked", "flare7k")
+SSIM_WINDOWS = ("uniform", "gaussian")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial of the ablation. Defaults are the paper's settings where it gives them."""
+
+    # -- what the trial is ---------------------------------------------------------------------
+    kind: str = "cascade"  # "cascade": fine-tune the anchor; "reference": evaluate the base alone
+    seed: int = 0
+
+    # -- loss: L = lambda_*L_REG(k) + delta*L_PL + (1 - lambda_)*L_triplet(margin) ---------------
+    k: int = 2  # norm of L_REG: 1 (mean absolute error) or 2 (mean squared error)
+    lambda_: float = 0.6  # in [0, 1]
+    delta: float = DEFAULT_DELTA  # >= 0
+    margin: float = DEFAULT_MARGIN  # triplet margin alpha, >= 0
+
+    # -- perceptual encoder f (cascade.encoders) -----------------------------------------------
+    encoder: str = "vit_l16_swag"  # a name from cascade.encoders.ENCODERS or "timm:<model>"
+    encoder_pretrained: bool = True  # False only when asked for (CPU demo); recorded in results
+    encoder_weights: str | None = None  # local weights file (clusters without internet)
+
+    # -- base network ---------------------------------------------------------------------------
+    checkpoint: str | None = None  # Flare7K(++) Uformer .pth; None: train a base on procedural data
+    # Architecture of the procedural base (a checkpoint's architecture is read from the file).
+    embed_dim: int = 32
+    depth: int = 2  # LeWin blocks per stage, all 9 stages
+    win_size: int = 8
+    output_ch: int = 6  # 6: deflared image + flare (Flare7K++); 3: deflared image (Flare7K)
+    base_steps: int = 2000  # training steps of the procedural base
+    base_lr: float = 2e-4  # Adam, as Flare7K trains its Uformer
+    base_cache: str | None = None  # folder caching procedural bases by config hash
+
+    # -- data -----------------------------------------------------------------------------------
+    data: str | None = None  # Flare7K / Flare7K++ root; None: procedural benchmark
+    backgrounds: str | None = None  # flare-free backgrounds (Flickr24K); required with `data`
+    test_data: str | None = None  # folder with input/ gt/ mask/; None: procedural test set
+    n_test: int = 100  # procedural test images
+    test_size: int = 512  # procedural test image side
+    crop: int = 128  # training crop side (the paper: 128)
+    batch_size: int = 8
+    random_erasing: float = 0.0  # probability of a random-erasing box per sample
+    num_workers: int = 2  # file-decoding loader workers (synthesis itself runs on the device)
+
+    # -- optimisation of the anchor network -----------------------------------------------------
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    steps: int = 1000
+
+    # -- evaluation (cascade.metrics) -----------------------------------------------------------
+    protocol: str = "masked"
+    ssim_window: str = "uniform"
+    eval_workers: int = 2
+    n_samples: int = 4  # test outputs saved as PNG for qualitative figures
+
+    # -- runtime ----------------------------------------------------------------------------------
+    device: str = "cpu"
+    precision: str = "fp32"  # "bf16": autocast on CUDA
+    channels_last: bool = False
+    compile: bool = False
+    backend: str = "none"  # data parallel across `workers` processes: "ddp" or "horovod"
+    workers: int = 1
+    checkpoint_every: int = 100
+    log_every: int = 10
+    fail_at_step: int | None = None  # test-only: inject a non-finite loss at this step
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> TrialConfig:
+        """Build and validate a config. `where` names the source (a file) in error messages."""
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: expected a mapping of config keys, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            hint = _close_match(unknown[0], known)
+            raise UserError(
+                f"{where}: unknown key {unknown[0]!r}{hint}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
+        hints = get_type_hints(cls)
+        coerced = {name: _coerce(name, value, hints[name], where) for name, value in values.items()}
+        cfg = cls(**coerced)
+        cfg.validate(where=where)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; `TrialConfig.from_dict(cfg.to_dict()) == cfg`."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        """A validated copy with some fields changed."""
+        return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+    def digest(self, keys: tuple[str, ...] | None = None) -> str:
+        """Stable 12-hex-digit hash of the given fields (all by default), for ids and caches."""
+        d = self.to_dict()
+        sub = {k: d[k] for k in (keys if keys is not None else sorted(d))}
+        blob = json.dumps(sub, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def validate(self, *, where: str = "config") -> None:
+        """Raise UserError naming the first bad field."""
+
+        def bad(key: str, expected: str) -> UserError:
+            return UserError(f"{where}: {key}={getattr(self, key)!r} is invalid; expected {expected}")
+
+        for key, choices in (
+            ("kind", KINDS),
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("device", DEVICES),
+            ("precision", PRECISIONS),
+            ("backend", BACKENDS),
+            ("protocol", PROTOCOLS),
+            ("ssim_window", SSIM_WINDOWS),
+        ):
+            if getattr(self, key) not in choices:
+                raise bad(key, "one of " + ", ".join(choices))
+        if self.k not in (1, 2):
+            raise bad("k", "1 or 2")
+        if not (0.0 <= self.lambda_ <= 1.0):
+            raise bad("lambda_", "a number in [0, 1]")
+        for key in ("delta", "margin", "momentum", "weight_decay", "random_erasing"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise bad(key, "a finite number >= 0")
+        if self.random_erasing > 1:
+            raise bad("random_erasing", "a probability in [0, 1]")
+        for key in ("lr", "base_lr"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise bad(key, "a finite number > 0")
+        for key in ("embed_dim", "depth", "win_size", "n_test", "batch_size", "workers",
+                    "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise bad(key, "an integer >= 1")
+        for key in ("steps", "base_steps", "num_workers", "eval_workers", "n_samples"):
+            if getattr(self, key) < 0:
+                raise bad(key, "an integer >= 0")
+        if self.output_ch not in (3, 6):
+            raise bad("output_ch", "3 (Flare7K) or 6 (Flare7K++)")
+        if self.crop < 16 or self.test_size < 16:
+            raise bad("crop" if self.crop < 16 else "test_size", "an image side >= 16")
+        if self.data is not None and self.backgrounds is None:
+            raise UserError(f"{where}: data={self.data!r} needs backgrounds (a Flickr24K-style folder)")
+        if self.fail_at_step is not None and self.fail_at_step < 0:
+            raise bad("fail_at_step", "a step >= 0 or null")
+
+
+def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
+    """Accept YAML/JSON scalars for a field of type `hint`; reject anything else clearly."""
+    allowed = get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise UserError(f"{where}: {name} must not be null")
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: {name}={value!r} is invalid; expected true or false")
+    if int in allowed:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise UserError(f"{where}: {name}={value!r} is invalid; expected an integer")
+        return int(value)
+    if float in allowed:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: {name}={value!r} is invalid; expected a number")
+        return float(value)
+    if str in allowed:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: {name}={value!r} is invalid; expected a string")
+        return value
+    raise TypeError(f"unsupported field type {hint!r} for {name}")  # a bug in TrialConfig itself
+
+
+def _close_match(key: str, known: set[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -1,0 +1,32 @@
+"""One exception type for mistakes a user can fix (bad path, bad key, bad value).
+
+Command-line entry points catch `UserError` and print its message as one line, with no traceback,
+and exit with status 2. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names the file/key and what was expected."""
+
+
+def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a CLI `main`: a `UserError` becomes `error: <message>` on stderr and exit code 2."""
+
+    @wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

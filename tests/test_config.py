@@ -1,0 +1,69 @@
+"""TrialConfig: built once from a dict, unknown keys and bad values rejected by name."""
+
+import dataclasses
+
+import pytest
+
+from cascade.config import TrialConfig
+from cascade.errors import UserError
+
+
+def test_defaults_are_the_papers_settings():
+    cfg = TrialConfig()
+    assert (cfg.delta, cfg.lr, cfg.optimizer, cfg.crop) == (1e-3, 1e-3, "sgd", 128)
+    assert cfg.encoder == "vit_l16_swag" and cfg.encoder_pretrained is True
+    assert cfg.device == "cpu"
+
+
+def test_round_trip_and_frozen():
+    cfg = TrialConfig.from_dict({"k": 1, "lambda_": 0.4, "seed": 3})
+    assert TrialConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.k = 2  # type: ignore[misc]
+
+
+def test_unknown_key_is_named_with_suggestion():
+    with pytest.raises(UserError, match=r"space.yaml: unknown key 'lamda_' \(did you mean 'lambda_'\?\)"):
+        TrialConfig.from_dict({"lamda_": 0.5}, where="space.yaml")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("k", 3, r"k=3 is invalid; expected 1 or 2"),
+        ("lambda_", 1.5, r"lambda_=1.5 is invalid; expected a number in \[0, 1\]"),
+        ("lambda_", -0.1, r"lambda_=-0.1 is invalid"),
+        ("delta", -1e-3, r"delta=-0.001 is invalid; expected a finite number >= 0"),
+        ("optimizer", "rmsprop", r"optimizer='rmsprop' is invalid; expected one of sgd, adam, adamw"),
+        ("protocol", "paper", r"protocol='paper' is invalid"),
+        ("steps", -1, r"steps=-1 is invalid; expected an integer >= 0"),
+        ("output_ch", 4, r"output_ch=4 is invalid"),
+        ("k", 1.5, r"k=1.5 is invalid; expected an integer"),
+        ("k", "2", r"k='2' is invalid; expected an integer"),
+        ("encoder_pretrained", "yes", r"encoder_pretrained='yes' is invalid; expected true or false"),
+        ("lr", 0, r"lr=0.0 is invalid; expected a finite number > 0"),
+        ("encoder", None, r"encoder must not be null"),
+    ],
+)
+def test_bad_values_are_named(key, value, message):
+    with pytest.raises(UserError, match=message):
+        TrialConfig.from_dict({key: value})
+
+
+def test_yaml_scalars_are_coerced():
+    cfg = TrialConfig.from_dict({"lambda_": 1, "k": 2.0, "checkpoint": None})
+    assert isinstance(cfg.lambda_, float) and cfg.lambda_ == 1.0
+    assert isinstance(cfg.k, int) and cfg.k == 2
+
+
+def test_real_data_needs_backgrounds():
+    with pytest.raises(UserError, match="needs backgrounds"):
+        TrialConfig.from_dict({"data": "/data/Flare7Kpp"})
+
+
+def test_digest_is_stable_and_sensitive():
+    a = TrialConfig.from_dict({"k": 1, "lambda_": 0.2})
+    assert a.digest() == TrialConfig.from_dict({"lambda_": 0.2, "k": 1}).digest()
+    assert a.digest() != a.replace(lambda_=0.4).digest()
+    assert a.digest(("embed_dim",)) == a.replace(lambda_=0.4).digest(("embed_dim",))
+    assert len(a.digest()) == 12

@@ -1,0 +1,44 @@
+"""Project wiring: environment.yml mirrors pyproject, the layout is as the README says."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["name"] == "flaresweep"
+    assert "python=3.11" in env["dependencies"]
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {_name(r) for r in pip_section if not r.startswith("-")}
+    assert listed == wanted
+    assert "-e ." in pip_section
+
+
+def test_layout():
+    for path in ("sweep.py", "search_spaces", "cascade", "reports", "results/README.md", "tests",
+                 "bench", "Makefile", "environment.yml", "pyproject.toml", "README.md", ".ci/run"):
+        assert (ROOT / path).exists(), path
+
+
+def test_make_help_lists_the_readme_commands():
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for target in ("sweep", "table1", "status", "test", "test-fast", "bench", "horovod"):
+        assert re.search(rf"^  make {target}\s+\S", out, re.M), target
+
+
+def test_cascade_does_not_import_ray():
+    code = "import sys, cascade.config, cascade.io, cascade.masks; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
