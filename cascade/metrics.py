@@ -297,6 +297,38 @@ def _evaluate_job(job: _Job) -> list[dict[str, Any]]:
     return [{"image": stem, **row} for row in rows]
 
 
+# Worker pools by size, started on first use and kept until exit: spawning workers (each imports
+# numpy/scipy/skimage, and re-imports the caller's __main__) costs seconds, and the trainer
+# evaluates many times per trial.
+_POOLS: dict[int, Any] = {}
+_POOLS_PID = os.getpid()  # a forked child must not use its parent's pools
+
+
+def _pool(workers: int) -> Any:
+    global _POOLS_PID
+    if _POOLS_PID != os.getpid():
+        _POOLS.clear()
+        _POOLS_PID = os.getpid()
+    pool = _POOLS.get(workers)
+    if pool is None:
+        import atexit
+        import multiprocessing
+
+        if not _POOLS:
+            atexit.register(close_worker_pools)
+        # spawn, not fork: callers (the trainer, Ray workers) hold threads and CUDA contexts.
+        pool = _POOLS[workers] = multiprocessing.get_context("spawn").Pool(workers)
+    return pool
+
+
+def close_worker_pools() -> None:
+    """Stop the worker processes kept by `evaluate_arrays` / `evaluate_dirs` (also run at exit)."""
+    while _POOLS:
+        _, pool = _POOLS.popitem()
+        pool.terminate()
+        pool.join()
+
+
 def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> list[dict[str, Any]]:
     """Evaluate jobs in order, in-process (workers <= 1) or over a spawn process pool."""
     from tqdm import tqdm
@@ -304,14 +336,9 @@ def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> list[dict[str, 
     bar = dict(total=len(jobs), desc="evaluate", unit="img", disable=not progress, leave=False)
     if workers <= 1 or len(jobs) <= 1:
         return [row for job in tqdm(jobs, **bar) for row in _evaluate_job(job)]
-    import multiprocessing
-
-    workers = min(workers, len(jobs))
     # ~4 chunks per worker: few round trips, still balanced when images differ in cost.
     chunksize = max(1, math.ceil(len(jobs) / (4 * workers)))
-    # spawn, not fork: callers (the trainer) may hold CUDA contexts and thread pools.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        results = list(tqdm(pool.imap(_evaluate_job, jobs, chunksize=chunksize), **bar))
+    results = list(tqdm(_pool(workers).imap(_evaluate_job, jobs, chunksize=chunksize), **bar))
     return [row for rows in results for row in rows]
 
 
@@ -338,7 +365,8 @@ def evaluate_arrays(
         items: iterable of (stem, pred, gt, mask); pred/gt/mask (H, W, 3) uint8 as in
             `evaluate_pair`; stems unique.
         protocol, ssim_window: as in `evaluate_pair`.
-        workers: processes; 0 or 1 evaluates in this process.
+        workers: processes; 0 or 1 evaluates in this process. Pools (spawn start method) are
+            started on first use and reused until `close_worker_pools` or exit.
         progress: show a tqdm bar on stderr.
     Returns:
         DataFrame with columns image, region, metric, value (one row per image x region x
