@@ -1,0 +1,103 @@
+"""reports.stats: mean ± std over seeds, paired bootstrap CIs, pairing by image stem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports.collect import METRICS
+from reports.stats import aggregate_seeds, paired_bootstrap, paired_differences, per_image_wide
+
+
+def _cells(values: list[float | None], statuses: list[str]) -> pd.DataFrame:
+    """Plan cells of one row: one trial per seed, psnr_entire = value, other metrics value/100."""
+    rows = []
+    for seed, (value, status) in enumerate(zip(values, statuses)):
+        row = {"trial_id": f"t{seed}", "seed": seed, "status": status, "shared": False}
+        for m in METRICS:
+            row[m] = np.nan if value is None else (value if m == "psnr_entire" else value / 100)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_mean_and_sample_std_over_seeds():
+    out = aggregate_seeds(_cells([23.0, 23.2, 23.7], ["done"] * 3))
+    assert out["psnr_entire"] == pytest.approx(np.mean([23.0, 23.2, 23.7]))
+    assert out["psnr_entire_std"] == pytest.approx(np.std([23.0, 23.2, 23.7], ddof=1))
+    assert (out["n_seeds"], out["n_planned"], out["status"], out["seeds"]) == (3, 3, "done", "0;1;2")
+
+
+def test_partial_row_averages_finished_seeds_only():
+    out = aggregate_seeds(_cells([23.0, None, 24.0], ["done", "failed", "done"]))
+    assert out["psnr_entire"] == pytest.approx(23.5)
+    assert (out["n_seeds"], out["n_planned"], out["status"]) == (2, 3, "partial")
+
+
+def test_single_seed_has_no_std_and_nothing_finished_is_nan_not_zero():
+    one = aggregate_seeds(_cells([23.0], ["done"]))
+    assert one["psnr_entire"] == 23.0 and np.isnan(one["psnr_entire_std"])
+    none = aggregate_seeds(_cells([None, None], ["failed", "pending"]))
+    assert np.isnan(none["psnr_entire"]) and none["status"] == "failed" and none["n_seeds"] == 0
+    assert aggregate_seeds(_cells([None], ["pending"]))["status"] == "pending"
+
+
+def test_shared_trial_counts_once():
+    cells = pd.concat([_cells([23.0], ["done"])] * 2, ignore_index=True)  # same trial id twice
+    out = aggregate_seeds(cells)
+    assert out["n_seeds"] == 1 and out["trial_ids"] == "t0"
+
+
+def test_bootstrap_ci_brackets_the_true_mean_difference():
+    rng = np.random.default_rng(1)
+    true = 0.2
+    diffs = true + rng.normal(0.0, 1.0, 400)
+    mean, low, high = paired_bootstrap(diffs, n_resamples=4000)
+    assert low < true < high
+    assert low < mean < high and mean == pytest.approx(diffs.mean())
+    # Width matches the normal approximation 2 * 1.96 * sd / sqrt(n) within 15%.
+    expected = 2 * 1.96 * diffs.std(ddof=1) / np.sqrt(diffs.size)
+    assert high - low == pytest.approx(expected, rel=0.15)
+
+
+def test_bootstrap_is_seeded_and_ignores_nan():
+    d = np.array([0.1, 0.3, np.nan, 0.2, 0.5])
+    assert paired_bootstrap(d) == paired_bootstrap(d)
+    assert paired_bootstrap(d)[0] == pytest.approx(0.275)
+    wider = np.random.default_rng(0).normal(size=50)
+    assert paired_bootstrap(wider, seed=1)[1:] != paired_bootstrap(wider, seed=2)[1:]
+
+
+def test_bootstrap_degenerate_inputs():
+    assert all(np.isnan(paired_bootstrap(np.array([]))))
+    mean, low, high = paired_bootstrap(np.array([0.4]))
+    assert mean == 0.4 and np.isnan(low) and np.isnan(high)
+
+
+def _long(trial_id: str, values: dict[str, float], region: str = "entire") -> list[dict]:
+    return [{"trial_id": trial_id, "image": img, "region": region, "metric": "psnr", "value": v}
+            for img, v in values.items()]
+
+
+def test_pairing_by_image_stem_and_missing_regions():
+    per_image = pd.DataFrame(
+        _long("ref", {"a": 20.0, "b": 22.0, "c": 30.0})
+        + _long("ours", {"b": 22.5, "a": 21.0, "d": 99.0})  # other order; d has no reference
+        + _long("ours", {"a": 35.0}, region="streak"))  # no reference streak value for a
+    wide = per_image_wide(per_image)
+    assert np.isnan(wide.loc[("ref", "a"), "psnr_streak"])
+    diffs = paired_differences(wide, [("ours", 0)], {0: "ref"})
+    assert diffs["psnr_entire"].dropna().to_dict() == {"a": 1.0, "b": 0.5}
+    assert diffs["psnr_streak"].isna().all()
+
+
+def test_each_seed_pairs_with_its_own_reference_then_averages():
+    per_image = pd.DataFrame(
+        _long("ref0", {"a": 20.0, "b": 20.0}) + _long("ref1", {"a": 30.0, "b": 30.0})
+        + _long("s0", {"a": 21.0, "b": 22.0}) + _long("s1", {"a": 33.0, "b": 30.0}))
+    wide = per_image_wide(per_image)
+    diffs = paired_differences(wide, [("s0", 0), ("s1", 1)], {0: "ref0", 1: "ref1"})
+    assert diffs["psnr_entire"].to_dict() == {"a": 2.0, "b": 1.0}  # (1+3)/2, (2+0)/2
+    # A seed without its own reference is paired with the mean over references (25 dB).
+    diffs = paired_differences(wide, [("s0", 7)], {0: "ref0", 1: "ref1"})
+    assert diffs["psnr_entire"].to_dict() == {"a": -4.0, "b": -3.0}
