@@ -1,0 +1,411 @@
+"""Table 1 of the paper regenerated from a sweep: CSV + LaTeX, deltas with CIs, paper side by side.
+
+    python -m reports.table1 --sweep-dir results/<sweep> [--no-paper]
+
+Writes into the sweep folder (atomically): table1.csv/.tex, delta.csv/.tex, paper_vs_ours.csv and
+figures/ (see results/README.md). `build_reports` is the entry point `sweep.py table1` calls.
+
+Spelling: our CSVs use `lambda_` (the project-wide name); the published paper_table1.csv uses
+`lambda`, renamed to `lambda_` when read (`read_paper`). Differences are called `diff`, never
+`delta` (that name is the perceptual-loss weight in TrialConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cascade.errors import cli_errors
+from cascade.io import atomic_path, atomic_write_text
+from reports import stats
+from reports.collect import METRICS, SweepResults, demo_reasons, describe_trials, load_sweep
+
+log = logging.getLogger(__name__)
+
+PAPER_CSV = Path(__file__).parent / "data" / "paper_table1.csv"
+# The paper picks this cell for its figures; the qualitative grid shows it when it finished.
+PAPER_ANCHOR = (2, 0.6)
+DECIMALS = {m: 2 if m.startswith("psnr") else 4 for m in METRICS}  # the paper's rounding
+SIGNIFICANT = "$^{\\ast}$"  # marks a Δ whose 95% CI excludes 0
+TABLE1_WHAT = ("Table 1 regenerated: mean PSNR (dB) and SSIM over the entire image and its streak "
+               "and glare regions; best per column in bold.")
+REGION_NAMES = {"entire": "Entire", "streak": "Streak", "glare": "Glare"}
+META_COLUMNS = ("protocol", "encoder", "encoder_pretrained", "dataset", "test_set", "checkpoint",
+                "demo", "demo_reasons")
+
+
+# -- tables as DataFrames ----------------------------------------------------------------------
+def row_keys(cells: pd.DataFrame) -> list[tuple[str, int | None, float | None]]:
+    """Table rows in paper order: the reference, then k ascending x λ in the sweep's order."""
+    keys: list[tuple[str, int | None, float | None]] = []
+    if (cells["kind"] == "reference").any():
+        keys.append(("reference", None, None))
+    ours = cells[cells["kind"] == "cascade"]
+    lambdas = list(dict.fromkeys(ours["lambda_"].tolist()))  # first appearance in the plan
+    for k in sorted(ours["k"].dropna().unique()):
+        present = set(ours.loc[ours["k"] == k, "lambda_"])
+        keys.extend(("cascade", int(k), float(lam)) for lam in lambdas if lam in present)
+    return keys
+
+
+def _select(cells: pd.DataFrame, key: tuple[str, int | None, float | None]) -> pd.DataFrame:
+    method, k, lambda_ = key
+    if method == "reference":
+        return cells[cells["kind"] == "reference"]
+    return cells[(cells["kind"] == "cascade") & (cells["k"] == k)
+                 & np.isclose(cells["lambda_"].astype(float), lambda_)]
+
+
+def table1_frame(sweep: SweepResults) -> pd.DataFrame:
+    """Tidy Table 1: one row per (method, k, lambda_), full-precision means, stds and metadata.
+
+    Columns: method, k, lambda_, METRICS, <metric>_std, n_seeds, n_planned, status (done,
+    partial, failed, pending), seeds, trial_ids, shared (λ=0 trial shown under both k), error,
+    and META_COLUMNS. Rows that have no result keep NaN metrics (never dropped, never 0).
+    """
+    rows = []
+    for key in row_keys(sweep.cells):
+        group = _select(sweep.cells, key)
+        errors = group.loc[group["status"] == "failed", "error"].dropna().unique()
+        rows.append({"method": key[0], "k": key[1], "lambda_": key[2],
+                     **stats.aggregate_seeds(group), "error": "; ".join(errors) or None,
+                     **describe_trials(sweep, group)})
+    frame = pd.DataFrame(rows)
+    frame["k"] = frame["k"].astype("Int64")
+    order = ["method", "k", "lambda_", *METRICS, *(m + "_std" for m in METRICS), "n_seeds",
+             "n_planned", "status", "seeds", "trial_ids", "shared", "error", *META_COLUMNS]
+    return frame[order]
+
+
+def delta_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
+                seed: int = stats.BOOTSTRAP_SEED) -> pd.DataFrame:
+    """Δ vs the reference per cascade row and metric, with paired bootstrap CIs over images.
+
+    Columns: method, k, lambda_, metric, diff (ours - reference; mean over paired images of
+    the per-seed differences), ci_low, ci_high (95%), n_images, n_seeds, excludes_zero.
+    Rows without a finished trial (or reference) keep NaN.
+    """
+    cells = sweep.cells
+    refs = cells[(cells["kind"] == "reference") & (cells["status"] == "done")]
+    references = {(None if pd.isna(s) else int(s)): t for s, t in zip(refs["seed"], refs["trial_id"])}
+    wide = stats.per_image_wide(sweep.per_image)
+    rows = []
+    for key in row_keys(cells):
+        if key[0] != "cascade":
+            continue
+        group = _select(cells, key).drop_duplicates("trial_id")
+        done = group[group["status"] == "done"]
+        trials = [(t, None if pd.isna(s) else int(s)) for t, s in zip(done["trial_id"], done["seed"])]
+        diffs = stats.paired_differences(wide, trials, references)
+        for row in stats.delta_rows(diffs, n_resamples=n_resamples, seed=seed):
+            rows.append({"method": key[0], "k": key[1], "lambda_": key[2], **row,
+                         "n_seeds": len(trials)})
+    columns = ["method", "k", "lambda_", "metric", "diff", "ci_low", "ci_high", "n_images",
+               "n_seeds", "excludes_zero"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["k"] = frame["k"].astype("Int64")
+    return frame
+
+
+def read_paper(path: str | Path = PAPER_CSV) -> pd.DataFrame:
+    """The published Table 1, with its `lambda` column renamed to our `lambda_`."""
+    paper = pd.read_csv(path).rename(columns={"lambda": "lambda_"})
+    paper["k"] = paper["k"].astype("Int64")
+    return paper
+
+
+def paper_vs_ours(table: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    """Our rows beside the published ones, aligned on (method, k, lambda_).
+
+    Outer join: rows only we have (other λ) and rows only the paper has both appear, with NaN on
+    the missing side. Columns: method, k, lambda_, n_seeds, status, demo, then for each metric
+    <m>_paper, <m>_ours, <m>_diff (ours - paper).
+    """
+
+    def keyed(frame: pd.DataFrame) -> pd.DataFrame:
+        # λ as a rounded float so 0.6 from YAML and 0.6 from the CSV meet.
+        return frame.assign(lambda_=frame["lambda_"].astype(float).round(6))
+
+    ours = keyed(table)[["method", "k", "lambda_", *METRICS, "n_seeds", "status", "demo"]]
+    theirs = keyed(paper)[["method", "k", "lambda_", *METRICS]]
+    merged = ours.merge(theirs, on=["method", "k", "lambda_"], how="outer",
+                        suffixes=("_ours", "_paper"), sort=False)
+    out = merged[["method", "k", "lambda_", "n_seeds", "status", "demo"]].copy()
+    out["n_seeds"] = out["n_seeds"].astype("Int64")
+    for m in METRICS:
+        out[m + "_paper"] = merged[m + "_paper"]
+        out[m + "_ours"] = merged[m + "_ours"]
+        out[m + "_diff"] = merged[m + "_ours"] - merged[m + "_paper"]
+    # Paper order: reference first, then k, then λ from 1.0 down.
+    rank = out["method"].map({"reference": 0}).fillna(1)
+    out = out.assign(_rank=rank, _lam=-out["lambda_"].fillna(2.0))
+    out = out.sort_values(["_rank", "k", "_lam"], na_position="first", kind="stable")
+    return out.drop(columns=["_rank", "_lam"]).reset_index(drop=True)
+
+
+# -- LaTeX ------------------------------------------------------------------------------------
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
+def escape_latex(text: str) -> str:
+    """Escape LaTeX special characters in free text (paths, error messages)."""
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in str(text))
+
+
+def _lambda_text(value: float) -> str:
+    return f"{value:.1f}" if round(value, 1) == value else f"{value:g}"
+
+
+class _Notes:
+    """Footnote markers a, b, c... assigned in order of first use."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+
+    def mark(self, text: str) -> str:
+        letter = self.texts.setdefault(text, "abcdefghijklmnopqrstuvwxyz"[len(self.texts)])
+        return f"$^{{{letter}}}$"
+
+    def latex(self) -> str:
+        return "\\\\\n".join(f"$^{{{letter}}}$\\,{text}" for text, letter in self.texts.items())
+
+
+def _columns(title: dict[str, str]) -> pd.MultiIndex:
+    head = [("", "Method"), ("", "$k$"), ("", "$\\lambda$")]
+    body = [(title[m.split("_")[0]], REGION_NAMES[m.split("_")[1]]) for m in METRICS]
+    return pd.MultiIndex.from_tuples(head + body)
+
+
+def _render(frame: pd.DataFrame, bold: pd.DataFrame, *, caption: str, label: str,
+            group_starts: list[int], notes: _Notes) -> str:
+    """A booktabs `table` float via Styler.to_latex, with group rules and footnotes added."""
+    styler = frame.style.hide(axis="index").apply(
+        lambda _: bold.map(lambda b: "textbf:--rwrap;" if b else ""), axis=None)
+    latex = styler.to_latex(environment="table", position="tbp", position_float="centering",
+                            hrules=True, caption=caption, label=label, multicol_align="c",
+                            column_format="l" + "c" * 2 + "r" * len(METRICS))
+    lines = latex.splitlines()
+    top = lines.index("\\toprule")
+    # \cmidrule under the "PSNR | SSIM" spanners, as booktabs tables do.
+    lines.insert(top + 2, "\\cmidrule(lr){4-6}\\cmidrule(lr){7-9}")
+    body = lines.index("\\midrule") + 1
+    for row in sorted(group_starts, reverse=True):  # bottom-up keeps earlier indices valid
+        lines.insert(body + row, "\\midrule")
+    end = lines.index("\\end{tabular}") + 1
+    if notes.texts:
+        lines.insert(end, "\\par\\smallskip\n{\\footnotesize\\raggedright\n" + notes.latex() + "\n}")
+    header = ("% Generated by `python -m reports.table1`; do not edit by hand.\n"
+              "% Needs \\usepackage{booktabs}.")
+    return header + "\n" + "\n".join(lines) + "\n"
+
+
+def _group_starts(keys: list[tuple[str, Any, Any]]) -> list[int]:
+    """Row indices where a new block (reference, k=1, k=2) begins."""
+    return [i for i in range(1, len(keys)) if keys[i][:2] != keys[i - 1][:2]]
+
+
+def _row_labels(table: pd.DataFrame, notes: _Notes) -> list[list[str]]:
+    """Method, k, λ cells: the method and k only on the first row of their block."""
+    labels, previous = [], None
+    for row in table.itertuples(index=False):
+        is_ref = row.method == "reference"
+        block = (row.method, None if is_ref else int(row.k))
+        method = ""
+        if previous is None or block[0] != previous[0]:
+            method = "Uformer (reference)" if is_ref else "Ours"
+        k = "" if is_ref or block == previous else str(block[1])
+        lam = "" if is_ref else _lambda_text(row.lambda_)
+        if row.shared:
+            lam += notes.mark("$\\lambda=0$ has no $L_\\mathrm{REG}$ term, so $k$ has no effect: "
+                              "one trial is shown under both $k$.")
+        if row.status == "partial":
+            why = f"; failed: {escape_latex(_shorten(row.error))}" if row.error else ""
+            lam += notes.mark(f"Mean of the {row.n_seeds} of {row.n_planned} seeds that finished{why}.")
+        labels.append([method, k, lam])
+        previous = block
+    return labels
+
+
+def _missing(row: Any, sweep_dir: str, notes: _Notes) -> str:
+    """'---' with a footnote saying why a cell has no value."""
+    if row.status == "failed":
+        first = str(row.trial_ids).split(";")[0]
+        why = f": {escape_latex(_shorten(row.error))}" if row.error else ""
+        return "---" + notes.mark(f"Trial failed{why} (see {escape_latex(sweep_dir)}/trials/"
+                                  f"{escape_latex(first)}/error.json).")
+    if row.status in ("pending", "partial"):
+        return "---" + notes.mark("No result yet: the trial has not finished.")
+    return "---" + notes.mark("The trial finished but did not report this metric.")
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def caption_text(table: pd.DataFrame, sweep: SweepResults, what: str) -> str:
+    """Caption saying what the numbers are and, first and loudly, whether this is a demo."""
+    first = table.iloc[0]
+    n_images = sorted({str(f["n_images"]) for f in sweep.trials.values()
+                       if f["status"] == "done" and f["n_images"] is not None})
+    seeds = sorted({int(s) for s in sweep.cells.loc[sweep.cells["status"] == "done", "seed"].dropna()})
+    max_seeds = int(table["n_seeds"].max())
+    ours = table[table["method"] == "cascade"]
+    meta = ours.iloc[0] if len(ours) else first
+    parts = []
+    if table["demo"].any():
+        reasons = escape_latex(demo_reasons(table))
+        parts.append(f"\\textbf{{DEMO RESULTS, NOT COMPARABLE TO THE PAPER ({reasons}).}}")
+    parts.append(f"{what} Sweep \\texttt{{{escape_latex(sweep.name)}}}; "
+                 f"test set: {escape_latex(first['test_set'])}"
+                 + (f" ({escape_latex('/'.join(n_images))} images)" if n_images else "") + "; "
+                 f"region protocol \\texttt{{{escape_latex(first['protocol'])}}}.")
+    parts.append(f"Reference: the base Uformer alone ({escape_latex(first['checkpoint'])}).")
+    if meta["encoder"]:
+        parts.append(f"Ours: cascaded fine-tuning, encoder {escape_latex(meta['encoder'])}, "
+                     f"training data: {escape_latex(meta['dataset'])}.")
+    seed_text = ", ".join(map(str, seeds)) or "none"
+    parts.append(f"Seeds: {seed_text}" + ("; mean $\\pm$ std over seeds." if max_seeds > 1 else "."))
+    return " ".join(parts)
+
+
+def table1_latex(table: pd.DataFrame, *, caption: str, label: str = "tab:table1",
+                 sweep_dir: str = "results/<sweep>") -> str:
+    """Table 1 as LaTeX: paper rounding, mean ± std with seeds, best per column in bold.
+
+    `table` is a `table1_frame`; `caption` is LaTeX (see `caption_text`); `sweep_dir` is quoted
+    in footnotes that point at a failed trial's error.json.
+    """
+    notes = _Notes()
+    labels = _row_labels(table, notes)
+    cells, bold = [], []
+    # Best among ours + reference, judged on the printed (rounded) values so ties all show bold.
+    rounded = {m: table[m].round(DECIMALS[m]) for m in METRICS}
+    best = {m: rounded[m].max() for m in METRICS}  # PSNR and SSIM: higher is better
+    for i, row in enumerate(table.itertuples(index=False)):
+        values, flags = [], [False] * 3
+        for m in METRICS:
+            mean, std = getattr(row, m), getattr(row, m + "_std")
+            if pd.isna(mean):
+                values.append(_missing(row, sweep_dir, notes))
+                flags.append(False)
+                continue
+            text = f"{mean:.{DECIMALS[m]}f}"
+            if row.n_seeds > 1 and pd.notna(std):
+                # std in a smaller font keeps six mean ± std columns within a page.
+                text += f"\\,{{\\scriptsize$\\pm${std:.{DECIMALS[m]}f}}}"
+            values.append(text)
+            flags.append(bool(rounded[m].iloc[i] == best[m]))
+        cells.append(labels[i] + values)
+        bold.append(flags)
+    columns = _columns({"psnr": "PSNR (dB)", "ssim": "SSIM"})
+    keys = list(zip(table["method"], table["k"], table["lambda_"]))
+    return _render(pd.DataFrame(cells, columns=columns), pd.DataFrame(bold, columns=columns),
+                   caption=caption, label=label, group_starts=_group_starts(keys), notes=notes)
+
+
+def delta_latex(delta: pd.DataFrame, table: pd.DataFrame, *, caption: str,
+                label: str = "tab:delta", sweep_dir: str = "results/<sweep>") -> str:
+    """Δ vs the reference as LaTeX: `+0.12 [+0.05, +0.20]*` per cell; SSIM in units of 1e-3.
+
+    `delta` is a `delta_frame`, `table` the matching `table1_frame` (row labels, statuses).
+    """
+    notes = _Notes()
+    ours = table[table["method"] == "cascade"].reset_index(drop=True)
+    labels = _row_labels(ours, notes)
+    scale = {m: 1.0 if m.startswith("psnr") else 1e3 for m in METRICS}
+    cells = []
+    for i, row in enumerate(ours.itertuples(index=False)):
+        values = []
+        for m in METRICS:
+            hit = delta[(delta["k"] == row.k) & np.isclose(delta["lambda_"], row.lambda_)
+                        & (delta["metric"] == m)]
+            d = hit.iloc[0] if len(hit) else None
+            if d is None or pd.isna(d["diff"]):
+                values.append(_missing(row, sweep_dir, notes) if pd.isna(getattr(row, m))
+                              else "---" + notes.mark("No per-image metrics to pair with the reference."))
+                continue
+            s = scale[m]
+            text = f"${d['diff'] * s:+.2f}$"  # math mode: a real minus sign
+            if pd.notna(d["ci_low"]):
+                text += f"\\,{{\\scriptsize$[{d['ci_low'] * s:+.2f}, {d['ci_high'] * s:+.2f}]$}}"
+            values.append(text + (SIGNIFICANT if d["excludes_zero"] else ""))
+        cells.append(labels[i] + values)
+    columns = _columns({"psnr": "$\\Delta$PSNR (dB)", "ssim": "$\\Delta$SSIM ($\\times 10^{-3}$)"})
+    frame = pd.DataFrame(cells, columns=columns)
+    keys = list(zip(ours["method"], ours["k"], ours["lambda_"]))
+    bold = pd.DataFrame(False, index=frame.index, columns=columns)
+    return _render(frame, bold, caption=caption, label=label, group_starts=_group_starts(keys),
+                   notes=notes)
+
+
+def delta_caption(delta: pd.DataFrame) -> str:
+    """What delta.tex shows; prefix for `caption_text`."""
+    n_images = int(delta["n_images"].max()) if len(delta) else 0
+    return (f"Difference to the reference (ours $-$ Uformer) with paired bootstrap 95\\% CIs over "
+            f"up to {n_images} test images ({stats.N_RESAMPLES} resamples, images paired by file "
+            f"name; with several seeds, per-image differences are averaged over seeds first). "
+            f"{SIGNIFICANT}: the CI excludes 0.")
+
+
+def _label(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
+# -- writing ----------------------------------------------------------------------------------
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    """Write a CSV atomically (NaN as an empty field)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
+
+
+def build_reports(sweep_dir: str | Path, *, paper: bool = True) -> list[Path]:
+    """Write every report for `results/<sweep>` and return the files written.
+
+    Raises UserError (one line) when there is nothing to report yet.
+    """
+    from reports import figures  # matplotlib only when writing, not for the table functions
+
+    sweep = load_sweep(sweep_dir)
+    root = sweep.root
+    table = table1_frame(sweep)
+    delta = delta_frame(sweep)
+    where, label = str(root), _label(sweep.name)
+    written = [write_csv(table, root / "table1.csv")]
+    atomic_write_text(root / "table1.tex", table1_latex(
+        table, caption=caption_text(table, sweep, TABLE1_WHAT), label=f"tab:table1-{label}",
+        sweep_dir=where))
+    written.append(root / "table1.tex")
+    written.append(write_csv(delta, root / "delta.csv"))
+    if (table["method"] == "cascade").any():
+        atomic_write_text(root / "delta.tex", delta_latex(
+            delta, table, caption=caption_text(table, sweep, delta_caption(delta)),
+            label=f"tab:delta-{label}", sweep_dir=where))
+        written.append(root / "delta.tex")
+    if paper:
+        written.append(write_csv(paper_vs_ours(table, read_paper()), root / "paper_vs_ours.csv"))
+    written += figures.write_figures(sweep, table, delta, root / "figures", anchor=PAPER_ANCHOR)
+    return written
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    """CLI: write the reports of one sweep folder and list them."""
+    parser = argparse.ArgumentParser(prog="python -m reports.table1", description=__doc__.split("\n")[0])
+    parser.add_argument("--sweep-dir", type=Path, required=True, help="results/<sweep> folder")
+    parser.add_argument("--no-paper", action="store_true", help="skip paper_vs_ours.csv")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for path in build_reports(args.sweep_dir, paper=not args.no_paper):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

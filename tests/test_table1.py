@@ -1,0 +1,198 @@
+"""reports.table1: Table 1 CSV/LaTeX, deltas, paper side by side, build_reports and the CLI."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_collect import make_results_tree
+
+from cascade.errors import UserError
+from reports import build_reports
+from reports.collect import METRICS, load_sweep
+from reports.table1 import (
+    caption_text,
+    delta_frame,
+    main,
+    paper_vs_ours,
+    read_paper,
+    table1_frame,
+    table1_latex,
+    write_csv,
+)
+
+
+def _hand_table(rows: list[tuple]) -> pd.DataFrame:
+    """A table1_frame by hand: (method, k, lambda_, psnr_entire, ssim_entire[, n_seeds, std])."""
+    out = []
+    for method, k, lam, psnr, ssim, *rest in rows:
+        n_seeds, std = rest if rest else (1, np.nan)
+        row = {"method": method, "k": k, "lambda_": lam, "n_seeds": n_seeds, "n_planned": max(n_seeds, 1),
+               "status": "done" if psnr is not None else "failed", "shared": lam == 0.0,
+               "error": None if psnr is not None else "CUDA out of memory", "trial_ids": "t"}
+        for m in METRICS:
+            base = psnr if m.startswith("psnr") else ssim
+            row[m] = np.nan if base is None else base
+            row[m + "_std"] = std
+        out.append(row)
+    frame = pd.DataFrame(out)
+    frame["k"] = frame["k"].astype("Int64")
+    return frame
+
+
+def _body(latex: str) -> list[str]:
+    lines = latex.splitlines()
+    start = lines.index("\\midrule", lines.index("\\toprule")) + 1
+    return [line for line in lines[start:lines.index("\\bottomrule")] if line != "\\midrule"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return load_sweep(make_results_tree(tmp_path_factory.mktemp("t1"), seeds=(0, 1), with_images=False))
+
+
+def test_row_order_reference_then_k_then_lambda_in_sweep_order(sweep):
+    table = table1_frame(sweep)
+    keys = [(m, None if pd.isna(k) else int(k), None if pd.isna(lam) else lam)
+            for m, k, lam in zip(table["method"], table["k"], table["lambda_"])]
+    assert keys == [("reference", None, None), ("cascade", 1, 1.0), ("cascade", 1, 0.6),
+                    ("cascade", 1, 0.0), ("cascade", 2, 1.0), ("cascade", 2, 0.6), ("cascade", 2, 0.0)]
+
+
+def test_mean_std_over_seeds_and_partial_rows(sweep):
+    table = table1_frame(sweep).set_index(["method", "k", "lambda_"])
+    cells = sweep.cells
+    k2 = cells[(cells["k"] == 2) & (cells["lambda_"] == 1.0)]["psnr_glare"]
+    assert table.loc[("cascade", 2, 1.0), "psnr_glare"] == pytest.approx(k2.mean())
+    assert table.loc[("cascade", 2, 1.0), "psnr_glare_std"] == pytest.approx(k2.std(ddof=1))
+    partial = table.loc[("cascade", 1, 0.6)]  # seed 0 failed, seed 1 finished
+    assert (partial["status"], partial["n_seeds"], partial["n_planned"]) == ("partial", 1, 2)
+    assert partial["error"] == "non-finite loss at step 3"
+    assert table.loc[("cascade", 1, 0.0), "shared"] and table.loc[("cascade", 2, 0.0), "shared"]
+
+
+def test_demo_is_flagged_in_csv_and_caption(sweep):
+    table = table1_frame(sweep)
+    assert table["demo"].all()
+    assert "random-weight encoder" in table.loc[1, "demo_reasons"]
+    caption = caption_text(table, sweep, "Table 1.")
+    assert caption.startswith("\\textbf{DEMO RESULTS, NOT COMPARABLE TO THE PAPER (random-weight encoder;")
+    assert "procedural base" in caption and "\\texttt{masked}" in caption and "Seeds: 0, 1" in caption
+
+
+def test_real_run_is_not_flagged(tmp_path):
+    sweep = load_sweep(make_results_tree(tmp_path, real=True, failed=(), with_images=False))
+    table = table1_frame(sweep)
+    assert not table["demo"].any() and (table["demo_reasons"] == "").all()
+    caption = caption_text(table, sweep, "Table 1.")
+    assert "DEMO" not in caption
+    assert "/ckpt/net\\_g\\_last.pth" in caption and "resnet18 (pretrained)" in caption
+
+
+def test_csv_round_trip(sweep, tmp_path):
+    table = table1_frame(sweep)
+    back = pd.read_csv(write_csv(table, tmp_path / "table1.csv"))
+    assert list(back.columns) == list(table.columns)
+    assert list(back.columns[:9]) == ["method", "k", "lambda_", *METRICS]
+    np.testing.assert_allclose(back[list(METRICS)].to_numpy(), table[list(METRICS)].to_numpy(float))
+    assert back["k"].isna().tolist() == table["k"].isna().tolist()
+    assert (back["n_seeds"] == table["n_seeds"]).all()
+
+
+def test_latex_rounding_bold_and_missing():
+    table = _hand_table([
+        ("reference", None, None, 23.7412, 0.86921),
+        ("cascade", 1, 1.0, 23.744, 0.87101),  # ties the reference at 2 decimals: both bold
+        ("cascade", 1, 0.6, None, None),  # failed
+        ("cascade", 2, 1.0, 23.1, 0.87104),  # best SSIM (0.8710 ties row 2 at 4 decimals)
+    ])
+    latex = table1_latex(table, caption="Cap.", label="tab:t", sweep_dir="results/x")
+    body = _body(latex)
+    assert len(body) == 4 and all(line.count("&") == 8 for line in body)
+    assert "0.8692 &" in body[0] and "23.741" not in latex and "0.87104" not in latex
+    assert body[0].count("\\textbf{23.74}") == 3 and body[1].count("\\textbf{23.74}") == 3
+    assert "\\textbf{0.8710}" in body[1] and "\\textbf{0.8710}" in body[3]
+    assert latex.count("\\textbf{") == 12  # 3 PSNR x 2 tied rows + 3 SSIM x 2 tied rows
+    assert body[2].count("---$^{a}$") == 6 and "0" not in body[2].split("&", 3)[3]
+    assert "$^{a}$\\,Trial failed: CUDA out of memory (see results/x/trials/t/error.json)." in latex
+
+
+def test_latex_structure_and_mean_std():
+    table = _hand_table([("reference", None, None, 23.74, 0.8692),
+                         ("cascade", 2, 0.6, 23.18, 0.8706, 3, 0.051),
+                         ("cascade", 2, 0.0, 23.71, 0.8679)])
+    latex = table1_latex(table, caption="Demo \\& more.", label="tab:table1-demo")
+    for needle in ("\\begin{table}", "\\centering", "\\toprule", "\\cmidrule(lr){4-6}", "\\midrule",
+                   "\\bottomrule", "\\end{tabular}", "\\end{table}", "\\caption{Demo \\& more.}",
+                   "\\label{tab:table1-demo}", "\\multicolumn{3}{c}{PSNR (dB)}"):
+        assert needle in latex, needle
+    assert latex.index("\\caption") < latex.index("\\begin{tabular}")
+    body = _body(latex)
+    assert "23.18\\,{\\scriptsize$\\pm$0.05}" in body[1] and "0.8706\\,{\\scriptsize$\\pm$0.0510}" in body[1]
+    assert "0.0$^{a}$" in body[2] and "has no $L_\\mathrm{REG}$ term" in latex
+    assert latex.count("\\midrule") == 2  # header rule + rule between reference and ours
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no LaTeX engine installed")
+def test_latex_compiles(sweep, tmp_path):
+    table = table1_frame(sweep)
+    latex = table1_latex(table, caption=caption_text(table, sweep, "Table 1."), sweep_dir=str(sweep.root))
+    doc = "\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n" + latex + "\\end{document}\n"
+    (tmp_path / "t.tex").write_text(doc)
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:]
+
+
+def test_delta_ci_finds_the_built_in_effects(sweep):
+    delta = delta_frame(sweep, n_resamples=500).set_index(["k", "lambda_", "metric"])
+    big = delta.loc[(2, 1.0, "psnr_entire")]  # every image +0.30 dB, noise sd 0.05
+    assert big["ci_low"] < 0.30 < big["ci_high"] and big["excludes_zero"]
+    assert big["n_images"] == 12 and big["n_seeds"] == 2
+    ssim = delta.loc[(2, 0.6, "ssim_glare")]  # -0.20 x 0.01 per image
+    assert ssim["diff"] == pytest.approx(-0.002, abs=5e-4) and ssim["excludes_zero"]
+    zero = delta.loc[(1, 0.0, "psnr_entire")]  # λ=0: no effect, noise only
+    assert zero["ci_low"] < 0 < zero["ci_high"] and not zero["excludes_zero"]
+
+
+def test_paper_alignment_renames_lambda(sweep):
+    paper = read_paper()
+    assert "lambda_" in paper.columns and "lambda" not in paper.columns and len(paper) == 13
+    out = paper_vs_ours(table1_frame(sweep), paper).set_index(["method", "k", "lambda_"])
+    assert out.loc[("cascade", 2, 0.6), "psnr_entire_paper"] == 23.18
+    row = out.loc[("cascade", 2, 0.6)]
+    assert row["psnr_entire_diff"] == pytest.approx(row["psnr_entire_ours"] - 23.18)
+    ref = out[out.index.get_level_values("method") == "reference"].iloc[0]
+    assert ref["ssim_glare_paper"] == 0.9269 and np.isfinite(ref["ssim_glare_ours"])
+    only_paper = out.loc[("cascade", 1, 0.8)]  # not in our sweep: kept, ours empty
+    assert only_paper["psnr_entire_paper"] == 23.76 and np.isnan(only_paper["psnr_entire_ours"])
+    assert out.index.get_level_values("method")[0] == "reference"
+
+
+def test_build_reports_writes_everything_atomically(tmp_path, monkeypatch):
+    sweep_dir = make_results_tree(tmp_path, with_images=False)
+    monkeypatch.setattr("reports.figures.write_figures", lambda *a, **k: [])  # figures: own tests
+    written = build_reports(sweep_dir)
+    names = sorted(p.name for p in written)
+    assert names == ["delta.csv", "delta.tex", "paper_vs_ours.csv", "table1.csv", "table1.tex"]
+    assert all(p.stat().st_size > 0 for p in written)
+    assert not list(sweep_dir.glob(".*tmp"))  # no temporary file left behind
+    assert "paper_vs_ours.csv" not in [p.name for p in build_reports(sweep_dir, paper=False)]
+    delta_tex = (sweep_dir / "delta.tex").read_text()
+    assert re.search(r"\$\+0\.3\d\$\\,\{\\scriptsize\$\[\+0\.\d\d, \+0\.\d\d\]\$\}\$\^\{\\ast\}\$", delta_tex)
+
+
+def test_nothing_to_report_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as err:
+        build_reports(Path("results/demo"))
+    assert str(err.value) == "results/demo: no sweep results (run `make sweep` first)"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--sweep-dir", "results/demo"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: results/demo: no sweep results (run `make sweep` first)\n"
