@@ -1,0 +1,296 @@
+"""Figures for a sweep (PNG + PDF in results/<sweep>/figures/), matplotlib only.
+
+- metric_vs_lambda: PSNR/SSIM per region against λ, one line per k, the reference dashed,
+  ±1 std bands over seeds where there are several.
+- delta_vs_lambda: the same as differences to the reference with paired bootstrap 95% CI bands;
+  filled markers where the CI excludes 0.
+- qualitative: input, reference (negative) output, anchor output and ground truth for a few test
+  images, streak/glare outlined from the mask, per-image PSNR/SSIM under each output
+  (like the paper's Figures 3-4).
+Figures are built on `matplotlib.figure.Figure` (no pyplot state), so any backend works.
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from cascade.io import atomic_path
+from cascade.masks import region_weights
+from reports.collect import METRICS, SweepResults, demo_reasons
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+K_COLOURS = {1: "#1f77b4", 2: "#d62728"}
+K_MARKERS = {1: "o", 2: "s"}
+# λ offset per k so the shared λ=0 point and overlapping error bars of both k stay visible.
+K_DODGE = {1: -0.012, 2: 0.012}
+REGION_COLOURS = {"streak": "#ff00ff", "glare": "#00e5ff"}  # visible on orange/white flares
+DPI = 150
+
+
+def write_figures(sweep: SweepResults, table: pd.DataFrame, delta: pd.DataFrame, out_dir: Path,
+                  *, anchor: tuple[int, float] | None = None, n_images: int = 3) -> list[Path]:
+    """Write every figure that the results support; log (not raise) why one is skipped."""
+    written: list[Path] = []
+    banner = _demo_banner(table)
+    if (table["method"] == "cascade").any() and table[list(METRICS)].notna().any().any():
+        written += _save(metric_vs_lambda(table, banner=banner), out_dir, "metric_vs_lambda")
+    if len(delta) and delta["diff"].notna().any():
+        written += _save(delta_vs_lambda(delta, banner=banner), out_dir, "delta_vs_lambda")
+    fig = qualitative(sweep, table, anchor=anchor, n_images=n_images, banner=banner)
+    if fig is not None:
+        written += _save(fig, out_dir, "qualitative")
+    return written
+
+
+def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    paths = []
+    for fmt in ("png", "pdf"):
+        path = out_dir / f"{stem}.{fmt}"
+        with atomic_path(path) as tmp:
+            # The temporary name ends in .tmp, so the format is given explicitly. Constrained
+            # layout already fits everything; bbox_inches="tight" would draw the figure twice.
+            fig.savefig(tmp, format=fmt, dpi=DPI)
+        paths.append(path)
+    return paths
+
+
+def _demo_banner(table: pd.DataFrame) -> str | None:
+    if not table["demo"].any():
+        return None
+    return f"DEMO, not comparable to the paper: {demo_reasons(table)}"
+
+
+def _title(fig: Figure, text: str, banner: str | None) -> None:
+    """Title; a demo gets red title lines so it can't pass for a real result."""
+    if banner:
+        fig.suptitle(f"{text}\n" + textwrap.fill(banner, 95), fontsize=10.5, color="#b00020",
+                     fontweight="bold")
+    else:
+        fig.suptitle(text, fontsize=11)
+
+
+def _grid(title: str, banner: str | None) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(10.5, 6.4), layout="constrained")
+    axes = fig.subplots(2, 3)
+    _title(fig, title, banner)
+    return fig, axes
+
+
+def _axis(axes: np.ndarray, metric: str) -> tuple[int, int]:
+    kind, region = metric.split("_")
+    return (0 if kind == "psnr" else 1), ("entire", "streak", "glare").index(region)
+
+
+def _lambda_ticks(ax, lambdas: np.ndarray) -> None:
+    ticks = np.unique(np.round(lambdas, 6))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("λ (weight of $L_\\mathrm{REG}$)")
+
+
+def metric_vs_lambda(table: pd.DataFrame, *, banner: str | None = None) -> Figure:
+    """PSNR/SSIM against λ: rows PSNR, SSIM; columns entire, streak, glare."""
+    fig, axes = _grid("Region metrics against λ", banner)
+    ours = table[table["method"] == "cascade"]
+    ref = table[table["method"] == "reference"]
+    any_band = any_gap = False
+    for m in METRICS:
+        ax = axes[_axis(axes, m)]
+        for k, rows in ours.groupby("k"):
+            rows = rows.sort_values("lambda_")
+            x = rows["lambda_"].to_numpy(float) + K_DODGE.get(int(k), 0.0)
+            y, std = rows[m].to_numpy(float), rows[m + "_std"].to_numpy(float)
+            colour = K_COLOURS.get(int(k), None)
+            any_band |= bool(np.isfinite(std).any())
+            # Error bars rather than bands: an isolated cell (neighbours missing) still shows one.
+            ax.errorbar(x, y, yerr=np.where(np.isfinite(std), std, 0.0), fmt="-",
+                        marker=K_MARKERS.get(int(k), "o"), color=colour, ms=4.5, lw=1.4,
+                        capsize=3, label=f"ours, k={int(k)}")
+            # A missing cell is a gap in the line plus a cross on the λ axis, never a 0.
+            gaps = x[~np.isfinite(y)]
+            if gaps.size:
+                any_gap = True
+                ax.plot(gaps, np.full(gaps.size, 0.03), "x", color=colour, ms=6, mew=1.5,
+                        transform=ax.get_xaxis_transform(), clip_on=False)
+        if len(ref) and np.isfinite(ref[m].iloc[0]):
+            value, std = float(ref[m].iloc[0]), float(ref[m + "_std"].iloc[0])
+            ax.axhline(value, color="0.3", ls="--", lw=1.1, label="Uformer (reference)")
+            if np.isfinite(std):
+                ax.axhspan(value - std, value + std, color="0.5", alpha=0.12, lw=0)
+        kind, region = m.split("_")
+        ax.set_title(f"{region} region" if region != "entire" else "entire image", fontsize=10)
+        ax.set_ylabel("PSNR (dB)" if kind == "psnr" else "SSIM")
+        ax.grid(alpha=0.3)
+        _lambda_ticks(ax, ours["lambda_"].to_numpy(float))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if any_gap:
+        handles.append(Line2D([], [], ls="", marker="x", color="0.2", mew=1.5))
+        labels.append("no result (failed or not run)")
+    note = ("error bars: ±1 std over seeds; shaded: reference ±1 std" if any_band
+            else "one seed per cell (no error bars)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels) + 1, frameon=False,
+               title=note, title_fontsize=8, fontsize=9)
+    return fig
+
+
+def delta_vs_lambda(delta: pd.DataFrame, *, banner: str | None = None) -> Figure:
+    """Δ vs the reference against λ with paired bootstrap 95% CI bands (SSIM in 1e-3)."""
+    fig, axes = _grid("Difference to the reference (ours − Uformer), paired bootstrap 95% CI", banner)
+    for m in METRICS:
+        ax = axes[_axis(axes, m)]
+        scale = 1.0 if m.startswith("psnr") else 1e3
+        rows_m = delta[delta["metric"] == m]
+        for k, rows in rows_m.groupby("k"):
+            rows = rows.sort_values("lambda_")
+            x = rows["lambda_"].to_numpy(float) + K_DODGE.get(int(k), 0.0)
+            y = rows["diff"].to_numpy(float) * scale
+            low, high = rows["ci_low"].to_numpy(float) * scale, rows["ci_high"].to_numpy(float) * scale
+            colour = K_COLOURS.get(int(k), None)
+            yerr = np.nan_to_num(np.vstack([y - low, high - y]), nan=0.0)
+            ax.errorbar(x, y, yerr=yerr, fmt="-", color=colour, lw=1.4, capsize=3,
+                        label=f"ours, k={int(k)}")
+            sig = rows["excludes_zero"].to_numpy(bool)
+            marker = K_MARKERS.get(int(k), "o")
+            ax.plot(x[sig], y[sig], marker, color=colour, ms=5.5, ls="")
+            ax.plot(x[~sig], y[~sig], marker, mfc="white", mec=colour, ms=5.5, ls="")
+        ax.axhline(0.0, color="0.3", ls="--", lw=1.1, label="Uformer (reference)")
+        kind, region = m.split("_")
+        ax.set_title(f"{region} region" if region != "entire" else "entire image", fontsize=10)
+        ax.set_ylabel("ΔPSNR (dB)" if kind == "psnr" else "ΔSSIM (×10$^{-3}$)")
+        ax.grid(alpha=0.3)
+        _lambda_ticks(ax, rows_m["lambda_"].to_numpy(float))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles += [Line2D([], [], ls="", marker="o", color="0.2"),
+                Line2D([], [], ls="", marker="o", mfc="white", mec="0.2")]
+    labels += ["95% CI excludes 0", "95% CI includes 0"]
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False, fontsize=9)
+    return fig
+
+
+# -- qualitative grid -----------------------------------------------------------------------------
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        path = folder / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB."""
+    from PIL import Image  # Pillow ships with matplotlib
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _pick_trials(sweep: SweepResults, table: pd.DataFrame,
+                 anchor: tuple[int, float] | None) -> tuple[str, str, str] | None:
+    """(reference trial, anchor trial, anchor label): the paper's cell if it finished, else the
+    finished cell with the best entire-image PSNR."""
+    cells = sweep.cells[sweep.cells["status"] == "done"].sort_values("seed", na_position="last")
+    refs, ours = cells[cells["kind"] == "reference"], cells[cells["kind"] == "cascade"]
+    if refs.empty or ours.empty:
+        return None
+    chosen = pd.DataFrame()
+    if anchor is not None:
+        chosen = ours[(ours["k"] == anchor[0]) & np.isclose(ours["lambda_"], anchor[1])]
+    if chosen.empty:
+        best = table[table["method"] == "cascade"].dropna(subset=["psnr_entire"])
+        if best.empty:
+            return None
+        top = best.loc[best["psnr_entire"].idxmax()]
+        chosen = ours[(ours["k"] == top["k"]) & np.isclose(ours["lambda_"], top["lambda_"])]
+    pick = chosen.iloc[0]
+    same_seed = refs[refs["seed"] == pick["seed"]] if pd.notna(pick["seed"]) else refs.iloc[:0]
+    ref = (same_seed if len(same_seed) else refs).iloc[0]
+    label = f"k={int(pick['k'])}, λ={pick['lambda_']:g}"
+    return str(ref["trial_id"]), str(pick["trial_id"]), label
+
+
+def _test_dir(sweep: SweepResults, trial_id: str) -> Path | None:
+    facts = sweep.trials[trial_id]
+    folder = facts.get("test_data") or facts.get("test_data_dir")
+    return Path(folder) if folder else None
+
+
+def _scores(sweep: SweepResults, trial_id: str, stem: str) -> str:
+    rows = sweep.per_image[(sweep.per_image["trial_id"] == trial_id)
+                           & (sweep.per_image["image"] == stem) & (sweep.per_image["region"] == "entire")]
+    values = dict(zip(rows["metric"], rows["value"]))
+    if not values:
+        return "(no per-image metrics)"
+    psnr, ssim = values.get("psnr", np.nan), values.get("ssim", np.nan)
+    return f"PSNR {psnr:.2f} dB, SSIM {ssim:.4f}"
+
+
+def qualitative(sweep: SweepResults, table: pd.DataFrame, *, anchor: tuple[int, float] | None = None,
+                n_images: int = 3, banner: str | None = None) -> Figure | None:
+    """Input | reference output | anchor output | ground truth, a row per test image.
+
+    Returns None (and logs why) when samples or the test set are not on disk.
+    """
+    picked = _pick_trials(sweep, table, anchor)
+    if picked is None:
+        log.info("qualitative figure skipped: needs a finished reference and cascade trial")
+        return None
+    ref_id, anchor_id, anchor_label = picked
+    test_dir = _test_dir(sweep, anchor_id) or _test_dir(sweep, ref_id)
+    if test_dir is None or not (test_dir / "input").is_dir():
+        log.info("qualitative figure skipped: test set folder %s not found", test_dir)
+        return None
+    ref_samples = sweep.trial_dir(ref_id) / "samples"
+    anchor_samples = sweep.trial_dir(anchor_id) / "samples"
+    stems = sorted(p.stem for p in anchor_samples.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    stems = [s for s in stems if _find_image(ref_samples, s) and all(
+        _find_image(test_dir / sub, s) for sub in ("input", "gt", "mask"))][:n_images]
+    if not stems:
+        log.info("qualitative figure skipped: no sample shared by %s, %s and %s",
+                 ref_samples, anchor_samples, test_dir)
+        return None
+
+    titles = ["Input", "Reference (negative) output", f"Anchor output ({anchor_label})", "Ground truth"]
+    fig = Figure(figsize=(11, 2.95 * len(stems) + 0.9), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(stems), 4))
+    for r, stem in enumerate(stems):
+        mask = _read_rgb(_find_image(test_dir / "mask", stem))
+        weights = region_weights(mask)
+        panels = [
+            (_read_rgb(_find_image(test_dir / "input", stem)), ""),
+            (_read_rgb(_find_image(ref_samples, stem)), _scores(sweep, ref_id, stem)),
+            (_read_rgb(_find_image(anchor_samples, stem)), _scores(sweep, anchor_id, stem)),
+            (_read_rgb(_find_image(test_dir / "gt", stem)), ""),
+        ]
+        for c, (image, caption) in enumerate(panels):
+            ax = axes[r, c]
+            h, w = image.shape[:2]
+            # Normalised extent: a mask of another size still lines up with the image.
+            ax.imshow(image, extent=(0, 1, 1, 0))
+            for region, colour in REGION_COLOURS.items():
+                z = weights[region]
+                if z.max() > 0.5:
+                    ys, xs = np.linspace(0, 1, z.shape[0]), np.linspace(0, 1, z.shape[1])
+                    ax.contour(xs, ys, z, levels=[0.5], colors=colour, linewidths=0.7)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(1, 0)
+            ax.set_aspect(h / w)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(caption, fontsize=8.5)
+            if r == 0:
+                ax.set_title(titles[c], fontsize=10)
+        axes[r, 0].set_ylabel(stem, fontsize=9)
+    handles = [Line2D([], [], color=c, lw=1.2) for c in REGION_COLOURS.values()]
+    fig.legend(handles, [f"{r} region (mask)" for r in REGION_COLOURS], loc="outside lower center",
+               ncol=2, frameon=False, fontsize=9)
+    _title(fig, "Qualitative comparison on test images (PSNR/SSIM: entire image)", banner)
+    return fig

@@ -1,0 +1,95 @@
+"""reports.figures: every figure is written as PNG + PDF, non-empty, and shows what it claims."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from test_collect import make_results_tree
+
+from reports.collect import load_sweep
+from reports.figures import delta_vs_lambda, metric_vs_lambda, qualitative, write_figures
+from reports.table1 import delta_frame, table1_frame
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    sweep = load_sweep(make_results_tree(tmp_path_factory.mktemp("fig"), seeds=(0, 1)))
+    return sweep, table1_frame(sweep), delta_frame(sweep, n_resamples=200)
+
+
+@pytest.mark.slow
+def test_all_figures_written_as_png_and_pdf(built):
+    sweep, table, delta = built
+    out = sweep.root / "figures"
+    written = write_figures(sweep, table, delta, out, anchor=(2, 0.6))
+    stems = ("metric_vs_lambda", "delta_vs_lambda", "qualitative")
+    assert sorted(p.name for p in written) == sorted(f"{s}.{e}" for s in stems for e in ("png", "pdf"))
+    for path in written:
+        assert path.stat().st_size > 1000
+        if path.suffix == ".pdf":
+            assert path.read_bytes().startswith(b"%PDF")
+        else:
+            image = imread(path)
+            assert image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 0.01
+    assert not list(out.glob(".*tmp"))
+
+
+def test_metric_vs_lambda_lines_and_missing_cells(built):
+    _, table, _ = built
+    fig = metric_vs_lambda(table, banner="DEMO, not comparable to the paper: x")
+    axes = fig.axes
+    assert len(axes) == 6
+    assert [ax.get_ylabel() for ax in axes] == ["PSNR (dB)"] * 3 + ["SSIM"] * 3
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert set(labels[:3]) == {"ours, k=1", "ours, k=2", "Uformer (reference)"}
+    assert "DEMO" in fig._suptitle.get_text()
+    # The reference is a horizontal line at its table value.
+    ref = table.loc[table["method"] == "reference", "psnr_entire"].iloc[0]
+    hlines = [line for line in axes[0].get_lines() if np.ptp(line.get_ydata()) == 0
+              and len(line.get_ydata()) == 2]
+    assert any(np.isclose(line.get_ydata()[0], ref) for line in hlines)
+
+
+def test_metric_vs_lambda_marks_a_failed_cell(built):
+    _, table, _ = built
+    table = table.copy()
+    table.loc[(table["k"] == 2) & (table["lambda_"] == 0.6), ["psnr_entire", "psnr_entire_std"]] = np.nan
+    fig = metric_vs_lambda(table)
+    crosses = [line for line in fig.axes[0].get_lines() if line.get_marker() == "x"]
+    assert len(crosses) == 1 and np.allclose(crosses[0].get_xdata(), 0.612)
+    assert "no result (failed or not run)" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_delta_markers_filled_only_where_ci_excludes_zero(built):
+    _, _, delta = built
+    fig = delta_vs_lambda(delta)
+    ax = fig.axes[0]  # ΔPSNR, entire image
+    rows = delta[delta["metric"] == "psnr_entire"]
+    points = [ln for ln in ax.get_lines() if ln.get_linestyle() == "None" and ln.get_marker() in "os"]
+    filled = [ln for ln in points if ln.get_markerfacecolor() != "white"]
+    hollow = [ln for ln in points if ln.get_markerfacecolor() == "white"]
+    assert sum(len(ln.get_xdata()) for ln in filled) == int(rows["excludes_zero"].sum())
+    assert sum(len(ln.get_xdata()) for ln in hollow) == int((~rows["excludes_zero"]).sum())
+
+
+def test_qualitative_grid_and_its_captions(built):
+    sweep, table, _ = built
+    fig = qualitative(sweep, table, anchor=(2, 0.6), n_images=2)
+    axes = np.array(fig.axes).reshape(2, 4)
+    assert [ax.get_title() for ax in axes[0]] == [
+        "Input", "Reference (negative) output", "Anchor output (k=2, λ=0.6)", "Ground truth"]
+    assert axes[1, 0].get_ylabel() == "0001"
+    per = sweep.per_image
+    psnr = per[(per["trial_id"] == "k2-l0.6-s0") & (per["image"] == "0000")
+               & (per["region"] == "entire") & (per["metric"] == "psnr")]["value"].iloc[0]
+    assert axes[0, 2].get_xlabel().startswith(f"PSNR {psnr:.2f} dB, SSIM 0.")
+    assert axes[0, 0].collections  # region outlines drawn from the mask
+
+
+def test_qualitative_falls_back_to_best_cell_and_skips_without_images(built, tmp_path):
+    sweep, table, _ = built
+    fig = qualitative(sweep, table, anchor=(1, 0.33), n_images=1)
+    assert fig.axes[2].get_title() == "Anchor output (k=2, λ=1)"  # best entire-image PSNR
+    bare = load_sweep(make_results_tree(tmp_path, with_images=False))
+    assert qualitative(bare, table1_frame(bare)) is None
