@@ -25,7 +25,9 @@ PER_IMAGE_COLUMNS = ("image", "region", "metric", "value")
 # Trial facts quoted in captions; read from metrics.json, then config.json, then the plan.
 FACT_KEYS = ("protocol", "encoder", "encoder_pretrained", "data", "test_data", "test_data_dir",
              "checkpoint", "n_images", "seed")
-STATUSES = ("done", "failed", "pending")
+# "stopped": ended early by the scheduler (stopped.json), never resumed; "pending": not finished
+# (not started, running or interrupted).
+STATUSES = ("done", "failed", "stopped", "pending")
 # Why a table is a demo, in the order captions list them.
 DEMO_REASONS = ("random-weight encoder", "encoder weights unknown", "procedural training data",
                 "procedural base network", "procedural test set")
@@ -37,8 +39,8 @@ class SweepResults:
 
     root: Path
     name: str
-    # One row per plan cell: cell, trial_id, kind, k, lambda_, seed, status, error, shared,
-    # and the METRICS columns (NaN unless status == "done").
+    # One row per plan cell: cell, trial_id, kind, k, lambda_, seed, sampled, status, error,
+    # shared, and the METRICS columns (NaN unless status == "done").
     cells: pd.DataFrame
     # image (stem), region, metric, value, trial_id; finished trials only.
     per_image: pd.DataFrame
@@ -58,7 +60,7 @@ def load_sweep(sweep_dir: str | Path) -> SweepResults:
     root = Path(sweep_dir)
     plan_path = root / "sweep.json"
     if not plan_path.is_file():
-        raise UserError(f"{root}: no sweep results (run `make sweep` first)")
+        raise UserError(f"{_shown(root)}: no sweep results (run `make sweep` first)")
     plan = _read_json(plan_path)
     raw_cells = plan.get("cells") if isinstance(plan, dict) else None
     if not isinstance(raw_cells, list) or not raw_cells:
@@ -88,11 +90,19 @@ def load_sweep(sweep_dir: str | Path) -> SweepResults:
     if not (cells["status"] == "done").any():
         counts = cells.drop_duplicates("trial_id")["status"].value_counts()
         parts = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
-        raise UserError(f"{root}: no finished trials yet ({parts}); run `make sweep` first")
+        raise UserError(f"{_shown(root)}: no finished trials yet ({parts}); run `make sweep` first")
     frame = (pd.concat(per_image, ignore_index=True) if per_image
              else pd.DataFrame(columns=[*PER_IMAGE_COLUMNS, "trial_id"]))
     return SweepResults(root=root, name=str(plan.get("name") or root.name), cells=cells,
                         per_image=frame, trials=trials)
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when inside it (short error messages)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _read_json(path: Path) -> Any:
@@ -125,6 +135,8 @@ def _plan_row(i: int, cell: Any, where: Path) -> dict[str, Any]:
         "k": pd.NA if kind == "reference" or k is None else int(k),
         "lambda_": np.nan if kind == "reference" or lambda_ is None else float(lambda_),
         "seed": pd.NA if seed is None else int(seed),
+        # Trials a search algorithm sampled (not grid cells); rows ordered after the grid's.
+        "sampled": isinstance(cell.get("sampled"), dict),
         "config": config,
     }
 
@@ -144,6 +156,8 @@ def _trial_state(trial_dir: Path) -> tuple[str, str | None, dict[str, Any]]:
             error = None  # a failure is a failure even if its report is unreadable
         first_line = str(error).strip().splitlines()[0] if error and str(error).strip() else None
         return "failed", first_line or "unknown error", {}
+    if (trial_dir / "stopped.json").is_file():
+        return "stopped", None, {}
     return "pending", None, {}
 
 

@@ -23,7 +23,7 @@ def aggregate_seeds(cells: pd.DataFrame) -> dict[str, object]:
         cells: rows of `SweepResults.cells` (columns trial_id, seed, status, shared, METRICS).
     Returns:
         {m: mean over finished trials, m + "_std": sample std (ddof=1; NaN with < 2 seeds),
-         "n_seeds": finished trials, "n_planned": planned trials, "status", "seeds", "trial_ids",
+         "n_seeds": finished trials, "n_planned": planned trials, "status" (done, partial, failed, stopped, pending), "seeds", "trial_ids",
          "shared"}. Means are NaN (never 0) when nothing finished.
     """
     trials = cells.drop_duplicates("trial_id")
@@ -40,7 +40,9 @@ def aggregate_seeds(cells: pd.DataFrame) -> dict[str, object]:
     elif n_done:
         status = "partial"
     else:
-        status = "failed" if (trials["status"] == "failed").any() else "pending"
+        # Say the most definite reason nothing finished: failed > stopped early > not yet run.
+        seen = set(trials["status"])
+        status = "failed" if "failed" in seen else "stopped" if "stopped" in seen else "pending"
     out.update(
         n_seeds=n_done,
         n_planned=n_planned,

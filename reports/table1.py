@@ -46,7 +46,9 @@ def row_keys(cells: pd.DataFrame) -> list[tuple[str, int | None, float | None]]:
     if (cells["kind"] == "reference").any():
         keys.append(("reference", None, None))
     ours = cells[cells["kind"] == "cascade"]
-    lambdas = list(dict.fromkeys(ours["lambda_"].tolist()))  # first appearance in the plan
+    # Grid λ in first-appearance (plan) order; λ a search sampled after them, high to low.
+    grid = list(dict.fromkeys(ours.loc[~ours["sampled"], "lambda_"].tolist()))
+    lambdas = grid + sorted(set(ours["lambda_"]) - set(grid), reverse=True)
     for k in sorted(ours["k"].dropna().unique()):
         present = set(ours.loc[ours["k"] == k, "lambda_"])
         keys.extend(("cascade", int(k), float(lam)) for lam in lambdas if lam in present)
@@ -65,7 +67,7 @@ def table1_frame(sweep: SweepResults) -> pd.DataFrame:
     """Tidy Table 1: one row per (method, k, lambda_), full-precision means, stds and metadata.
 
     Columns: method, k, lambda_, METRICS, <metric>_std, n_seeds, n_planned, status (done,
-    partial, failed, pending), seeds, trial_ids, shared (λ=0 trial shown under both k), error,
+    partial, failed, stopped, pending), seeds, trial_ids, shared (λ=0 trial shown under both k), error,
     and META_COLUMNS. Rows that have no result keep NaN metrics (never dropped, never 0).
     """
     rows = []
@@ -240,6 +242,8 @@ def _missing(row: Any, sweep_dir: str, notes: _Notes) -> str:
         why = f": {escape_latex(_shorten(row.error))}" if row.error else ""
         return "---" + notes.mark(f"Trial failed{why} (see {escape_latex(sweep_dir)}/trials/"
                                   f"{escape_latex(first)}/error.json).")
+    if row.status == "stopped":
+        return "---" + notes.mark("Stopped early by the scheduler; no final metrics.")
     if row.status in ("pending", "partial"):
         return "---" + notes.mark("No result yet: the trial has not finished.")
     return "---" + notes.mark("The trial finished but did not report this metric.")

@@ -163,9 +163,11 @@ def test_facts_come_from_metrics_then_config(tmp_path):
     assert sweep.trials["k1-l0.6-s0"]["encoder"] == "resnet18"  # from the plan's config
 
 
-def test_no_sweep_is_a_one_line_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"demo: no sweep results \(run `make sweep` first\)"):
-        load_sweep(tmp_path / "results" / "demo")
+def test_no_sweep_is_a_one_line_user_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as err:
+        load_sweep((tmp_path / "results" / "demo").resolve())  # sweep.py passes a resolved path
+    assert str(err.value) == "results/demo: no sweep results (run `make sweep` first)"
 
 
 def test_sweep_without_finished_trials_is_a_user_error(tmp_path):
@@ -174,6 +176,20 @@ def test_sweep_without_finished_trials_is_a_user_error(tmp_path):
         metrics.unlink()
     with pytest.raises(UserError, match=r"no finished trials yet \(1 failed, 5 pending\)"):
         load_sweep(sweep)
+
+
+def test_stopped_and_sampled_cells(tmp_path):
+    sweep = make_results_tree(tmp_path, with_images=False)
+    (sweep / "trials" / "k2-l0.6-s0" / "metrics.json").unlink()
+    (sweep / "trials" / "k2-l0.6-s0" / "stopped.json").write_text('{"reason": "asha", "step": 5}')
+    plan = json.loads((sweep / "sweep.json").read_text())
+    plan["cells"].append({**plan["cells"][1], "trial_id": "opt-1", "lambda_": 0.37,
+                          "sampled": {"lambda_": 0.37}})
+    (sweep / "sweep.json").write_text(json.dumps(plan))
+    cells = load_sweep(sweep).cells.set_index("trial_id")
+    assert cells.loc["k2-l0.6-s0", "status"] == "stopped"
+    assert cells.loc["opt-1", "sampled"] and cells.loc["opt-1", "status"] == "pending"
+    assert not cells.loc["k1-l1.0-s0", "sampled"]
 
 
 def test_bad_plan_and_bad_per_image_name_the_file(tmp_path):

@@ -101,3 +101,9 @@ def test_each_seed_pairs_with_its_own_reference_then_averages():
     # A seed without its own reference is paired with the mean over references (25 dB).
     diffs = paired_differences(wide, [("s0", 7)], {0: "ref0", 1: "ref1"})
     assert diffs["psnr_entire"].to_dict() == {"a": -4.0, "b": -3.0}
+
+
+def test_nothing_finished_says_the_most_definite_reason():
+    stopped = _cells([None, None], ["stopped", "pending"])
+    assert aggregate_seeds(stopped)["status"] == "stopped"
+    assert aggregate_seeds(_cells([None, None], ["stopped", "failed"]))["status"] == "failed"

@@ -196,3 +196,29 @@ def test_nothing_to_report_is_one_line(tmp_path, monkeypatch, capsys):
         main(["--sweep-dir", "results/demo"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "error: results/demo: no sweep results (run `make sweep` first)\n"
+
+
+def test_search_trials_follow_the_grid_and_stopped_cells_are_footnoted(tmp_path):
+    import json
+
+    sweep_dir = make_results_tree(tmp_path, failed=(), with_images=False)
+    plan = json.loads((sweep_dir / "sweep.json").read_text())
+    for tid, lam in (("opt-a", 0.2), ("opt-b", 0.8)):  # sampled in this order
+        plan["cells"].append({**plan["cells"][4], "trial_id": tid, "lambda_": lam,
+                              "sampled": {"lambda_": lam}})
+    (sweep_dir / "sweep.json").write_text(json.dumps(plan))
+    (sweep_dir / "trials" / "k2-l0.6-s0" / "metrics.json").unlink()
+    (sweep_dir / "trials" / "k2-l0.6-s0" / "stopped.json").write_text("{}")
+    sweep = load_sweep(sweep_dir)
+    table = table1_frame(sweep)
+    assert table.loc[table["k"] == 2, "lambda_"].tolist() == [1.0, 0.6, 0.0, 0.8, 0.2]
+    latex = table1_latex(table, caption="c")
+    assert "Stopped early by the scheduler" in latex and "No result yet" in latex
+
+
+def test_reports_import_neither_torch_nor_ray():
+    import sys
+
+    code = ("import sys, reports.table1, reports.figures; "
+            "assert not {'torch', 'ray'} & set(sys.modules), sorted({'torch', 'ray'} & set(sys.modules))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
