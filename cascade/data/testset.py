@@ -1,0 +1,132 @@
+"""Paired test folders (`input/ gt/ mask/`), paired by file stem and validated up front.
+
+Pairing is by stem, never by sort order (Flare7K's evaluation globbed each folder separately and
+could mis-pair files). A leading `<folder>_` is ignored when pairing, so both `input/000001.png`
+and Flare7K-style `input/input_000001.png` pair with `gt/gt_000001.png` and `mask/000001.png`.
+
+Every problem a user can fix is a `UserError` naming the file or folder: missing or empty folder,
+unmatched stems, duplicate stems, size mismatch, unreadable/truncated image, unexpected mask
+colours. Grayscale/RGBA/16-bit images are converted by `read_rgb` with a warning.
+
+Mask colours: Flare7K's evaluation reads masks as soft weights, so antialiased borders are
+legitimate. A mask pixel is accepted if it is a blend of the four Flare7K colours, i.e. inside
+their convex hull: G <= R (streak weight >= 0) and R + B <= 255 (weights sum to <= 1), each with
+`MASK_TOLERANCE` levels of slack for lossy re-encoding. White, green, cyan, magenta... are errors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cascade.data.images import read_rgb
+from cascade.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+FOLDERS = ("input", "gt", "mask")
+MASK_TOLERANCE = 8  # 8-bit levels of slack on the convex-hull test (lossy masks)
+
+
+@dataclass(frozen=True)
+class TestItem:
+    """One test pair. Images are (H, W, 3) uint8 RGB; mask in Flare7K colours."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    stem: str
+    input: np.ndarray
+    gt: np.ndarray
+    mask: np.ndarray
+
+
+def pair_key(path: str | os.PathLike, folder: str) -> str:
+    """Pairing key of an image file: its stem without a leading `<folder>_`."""
+    stem = Path(path).stem
+    prefix = f"{folder}_"
+    return stem[len(prefix):] if stem.startswith(prefix) and len(stem) > len(prefix) else stem
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """Pairing key -> image file for every image in `folder` (not recursive)."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: missing folder")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue
+        key = pair_key(path, folder.name)
+        if key in found:
+            raise UserError(f"{path}: same stem as {found[key].name}; pairing would be ambiguous")
+        found[key] = path
+    if not found:
+        raise UserError(f"{folder}: no images (expected {', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def check_mask(mask: np.ndarray, path: str | os.PathLike) -> None:
+    """Raise UserError if `mask` (H, W, 3) uint8 has colours outside the Flare7K palette hull."""
+    m = mask.astype(np.int32)
+    r, g, b = m[..., 0], m[..., 1], m[..., 2]
+    bad = (g > r + MASK_TOLERANCE) | (r + b > 255 + MASK_TOLERANCE)
+    if bad.any():
+        y, x = np.argwhere(bad)[0]
+        colour = tuple(int(c) for c in mask[y, x])
+        raise UserError(
+            f"{path}: unexpected mask colour {colour} at (x={x}, y={y}) in {int(bad.sum())} "
+            "pixels; expected Flare7K colours glare (255,255,0), streak (255,0,0), "
+            "light (0,0,255), other (0,0,0) or blends of them"
+        )
+
+
+class PairedTestSet:
+    """Validated paired test set under `root` (holding `input/ gt/ mask/`).
+
+    `len(ts)`; `ts[i] -> TestItem` in key order; `ts.stems` lists the pairing keys. Every image
+    is decoded once at construction to validate it (sizes, readability, mask colours); items are
+    read again on access so that large sets do not stay in memory.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: test set folder does not exist")
+        files = {name: list_images(self.root / name) for name in FOLDERS}
+        keys = set(files["input"])
+        for name in FOLDERS:
+            for other in FOLDERS:
+                missing = sorted(set(files[name]) - set(files[other]))
+                if missing:
+                    raise UserError(
+                        f"{files[name][missing[0]]}: no matching file in {self.root / other}"
+                        + (f" ({len(missing)} unmatched in {name}/)" if len(missing) > 1 else "")
+                    )
+        self.stems: list[str] = sorted(keys)
+        self._files = files
+        for stem in self.stems:
+            self._load(stem)  # validate everything now; errors name the file
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, i: int) -> TestItem:
+        return self._load(self.stems[i])
+
+    def path(self, i: int, folder: str) -> Path:
+        """The file of item `i` in `folder` (one of input, gt, mask)."""
+        return self._files[folder][self.stems[i]]
+
+    def _load(self, stem: str) -> TestItem:
+        paths = {name: self._files[name][stem] for name in FOLDERS}
+        images = {name: read_rgb(p) for name, p in paths.items()}
+        shape = images["input"].shape
+        for name in ("gt", "mask"):
+            if images[name].shape != shape:
+                raise UserError(
+                    f"{paths[name]}: size {images[name].shape[1]}x{images[name].shape[0]} "
+                    f"differs from {paths['input']} ({shape[1]}x{shape[0]})"
+                )
+        check_mask(images["mask"], paths["mask"])
+        return TestItem(stem=stem, input=images["input"], gt=images["gt"], mask=images["mask"])

@@ -1,0 +1,123 @@
+"""Tests for cascade.data.testset: pairing by stem and every bad-input case's UserError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cascade.data.images import write_png
+from cascade.data.testset import PairedTestSet, pair_key
+from cascade.errors import UserError
+
+
+def _img(value: int, h: int = 6, w: int = 8) -> np.ndarray:
+    return np.full((h, w, 3), value, np.uint8)
+
+
+def _mask(h: int = 6, w: int = 8) -> np.ndarray:
+    m = np.zeros((h, w, 3), np.uint8)
+    m[0, :] = (255, 255, 0)  # glare
+    m[1, :] = (255, 0, 0)  # streak
+    m[2, :] = (0, 0, 255)  # light
+    m[3, :] = (128, 64, 0)  # antialiased glare/streak blend: accepted
+    return m
+
+
+def _make(root: Path, stems: list[str], prefixed: bool = False) -> Path:
+    for k, stem in enumerate(stems):
+        for folder, arr in (("input", _img(10 * k + 5)), ("gt", _img(10 * k)), ("mask", _mask())):
+            name = f"{folder}_{stem}.png" if prefixed else f"{stem}.png"
+            write_png(root / folder / name, arr)
+    return root
+
+
+def test_pairs_by_stem_not_sort_order(tmp_path: Path) -> None:
+    root = _make(tmp_path, ["b", "a", "c"])
+    # An unsorted, differently named gt file list must still pair by stem.
+    ts = PairedTestSet(root)
+    assert len(ts) == 3 and ts.stems == ["a", "b", "c"]
+    item = ts[1]
+    assert item.stem == "b"
+    assert int(item.input[0, 0, 0]) == 5 and int(item.gt[0, 0, 0]) == 0  # b was made with k=0
+    assert ts.path(1, "gt").name == "b.png"
+
+
+def test_flare7k_style_prefixes_pair(tmp_path: Path) -> None:
+    root = _make(tmp_path, ["000001", "000000"], prefixed=True)
+    ts = PairedTestSet(root)
+    assert ts.stems == ["000000", "000001"]
+    assert pair_key("input/input_000001.png", "input") == "000001"
+    assert pair_key("gt/input_000001.png", "gt") == "input_000001"
+
+
+def test_missing_root_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="nope: test set folder does not exist"):
+        PairedTestSet(tmp_path / "nope")
+    _make(tmp_path, ["a"])
+    for p in (tmp_path / "mask").iterdir():
+        p.unlink()
+    (tmp_path / "mask").rmdir()
+    with pytest.raises(UserError, match=r"mask: missing folder"):
+        PairedTestSet(tmp_path)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    _make(tmp_path, ["a"])
+    (tmp_path / "gt" / "a.png").unlink()
+    (tmp_path / "gt" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match=r"gt: no images"):
+        PairedTestSet(tmp_path)
+
+
+def test_unmatched_stem_names_file(tmp_path: Path) -> None:
+    _make(tmp_path, ["a", "b"])
+    (tmp_path / "gt" / "b.png").rename(tmp_path / "gt" / "z.png")
+    with pytest.raises(UserError, match=r"b.png: no matching file in .*gt"):
+        PairedTestSet(tmp_path)
+
+
+def test_duplicate_stem(tmp_path: Path) -> None:
+    _make(tmp_path, ["a"])
+    Image.fromarray(_img(1)).save(tmp_path / "input" / "a.jpg")
+    with pytest.raises(UserError, match="same stem"):
+        PairedTestSet(tmp_path)
+
+
+def test_size_mismatch_names_file(tmp_path: Path) -> None:
+    _make(tmp_path, ["a"])
+    write_png(tmp_path / "gt" / "a.png", _img(0, h=7))
+    with pytest.raises(UserError, match=r"gt/a.png: size 8x7 differs from .*input/a.png \(8x6\)"):
+        PairedTestSet(tmp_path)
+
+
+def test_truncated_image_names_file(tmp_path: Path) -> None:
+    _make(tmp_path, ["a"])
+    noisy = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    write_png(tmp_path / "input" / "a.png", noisy)
+    data = (tmp_path / "input" / "a.png").read_bytes()
+    (tmp_path / "input" / "a.png").write_bytes(data[:60])
+    with pytest.raises(UserError, match=r"input/a.png: unreadable or truncated"):
+        PairedTestSet(tmp_path)
+
+
+@pytest.mark.parametrize("colour", [(255, 255, 255), (0, 255, 0), (255, 0, 255)])
+def test_unexpected_mask_colour(tmp_path: Path, colour: tuple[int, int, int]) -> None:
+    _make(tmp_path, ["a"])
+    m = _mask()
+    m[5, 7] = colour
+    write_png(tmp_path / "mask" / "a.png", m)
+    with pytest.raises(UserError, match=rf"mask/a.png: unexpected mask colour \({colour[0]}, "
+                                        rf"{colour[1]}, {colour[2]}\) at \(x=7, y=5\)"):
+        PairedTestSet(tmp_path)
+
+
+def test_grayscale_converted_with_warning(tmp_path: Path) -> None:
+    _make(tmp_path, ["a"])
+    Image.fromarray(np.full((6, 8), 77, np.uint8), mode="L").save(tmp_path / "gt" / "a.png")
+    with pytest.warns(UserWarning, match=r"gt/a.png.*grayscale"):
+        ts = PairedTestSet(tmp_path)
+    with pytest.warns(UserWarning):
+        assert ts[0].gt.shape == (6, 8, 3) and int(ts[0].gt[3, 3, 1]) == 77
