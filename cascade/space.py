@@ -1,0 +1,650 @@
+"""Search spaces (search_spaces/*.yaml) -> a validated plan of cells with stable trial ids.
+
+A search space is data, one file per experiment, with a comment at the top saying what question it
+answers. Its keys (anything else is an error naming the file and the key):
+
+    name: demo                    # results/<name>/; letters, digits, '-', '_', '.'
+    grid: {k: [1, 2], lambda_: [1.0, 0.5, 0.0]}   # TrialConfig fields -> non-empty value lists
+    fixed: {steps: 200, ...}      # TrialConfig fields shared by every trial
+    reference: true               # also evaluate the base network alone (one cell per seed)
+    seeds: [0]                    # repeats of every cell
+    requires: [data, checkpoint]  # fields the user must give (on the command line) to run it
+    resources: {cpu: 1, gpu: 0.5} # per trial; fractional GPUs let small trials share a device
+    max_concurrent: 2             # trials at a time (null: as many as resources allow)
+    max_failures: 1               # Ray retries of a crashed trial within one run
+    search:                       # instead of `grid`: a sampled search (Optuna TPE + ASHA)
+      algorithm: optuna
+      metric: psnr_entire         # a key of cascade.metrics.summary_keys(protocol)
+      mode: max
+      num_samples: 8
+      seed: 0                     # sampler seed (optional)
+      params: {lambda_: {uniform: [0, 1]}, margin: {loguniform: [0.01, 1.0]}}
+                                  # also {randint: [low, high)} and {choice: [a, b, ...]}
+      scheduler: {asha: {grace_period: 2, reduction_factor: 2}}   # optional
+
+Every cell is validated through `TrialConfig.from_dict` here, so a bad value fails before any Ray
+process starts. A cell's trial id is a function of its resolved config (readable prefix + hash of
+the fields that change its results): `k2-l0.6-s0-1a2b3c4d`, `ref-s0-...`. With lambda_ = 0 the
+L_REG term vanishes, so k is irrelevant: both k cells run one trial (k set to `LAMBDA0_K`) and the
+plan files it under both rows.
+
+Pure Python, no Ray: sweep.py turns a `SweepSpace` into Ray Tune calls.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cascade.config import TrialConfig
+from cascade.errors import UserError
+from cascade.io import atomic_write_json, read_json
+
+TOP_KEYS = ("name", "grid", "fixed", "reference", "seeds", "requires", "resources",
+            "max_concurrent", "max_failures", "search")
+SEARCH_KEYS = ("algorithm", "metric", "mode", "num_samples", "seed", "params", "scheduler")
+RESOURCE_KEYS = ("cpu", "gpu")
+SEARCH_ALGORITHMS = ("optuna",)
+MODES = ("max", "min")
+# Distribution name -> what its argument list must look like (checked in `_param`).
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+# ASHA settings a space may set; the time attribute is the trial's reported `step`.
+ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
+SCHEDULERS = ("asha",)
+# Command-line flags that fill `requires` fields, for the error message.
+REQUIRE_FLAGS = {"data": "--data DIR", "checkpoint": "--checkpoint PATH",
+                 "backgrounds": "--backgrounds DIR", "test_data": "--test-data DIR"}
+# TrialConfig fields that hold paths: made absolute, because trials run in other directories.
+PATH_FIELDS = ("checkpoint", "data", "backgrounds", "test_data", "base_cache", "encoder_weights")
+# Fields that change how a trial runs but not what it computes; left out of the trial id, so
+# e.g. a different checkpoint interval resumes the same trial instead of starting a new one.
+RUNTIME_ONLY = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache")
+ID_KEYS = tuple(sorted(f.name for f in fields(TrialConfig) if f.name not in RUNTIME_ONLY))
+LAMBDA0_K = 1  # the k a lambda_ = 0 trial is run with (any k gives the same loss)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Ray resources of one trial."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class Param:
+    """One sampled TrialConfig field: `distribution` in DISTRIBUTIONS with its `args`."""
+
+    name: str
+    distribution: str
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Search:
+    """A sampled search over `params` (Optuna TPE), optionally early-stopped by ASHA."""
+
+    algorithm: str
+    metric: str
+    mode: str
+    num_samples: int
+    seed: int | None
+    params: tuple[Param, ...]
+    asha: dict[str, int] | None  # ASHA_KEYS -> value; None: no early stopping
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the plan. Cells with equal `trial_id` share one trial (the lambda_ = 0 pair)."""
+
+    trial_id: str
+    kind: str  # "cascade" or "reference"
+    k: int | None  # the grid's k (None for the reference); config.k may be LAMBDA0_K
+    lambda_: float | None
+    seed: int
+    config: TrialConfig
+
+    def to_json(self) -> dict[str, Any]:
+        """The cell as `sweep.json` stores it (docs/design.md, "Results on disk")."""
+        return {"trial_id": self.trial_id, "kind": self.kind, "k": self.k, "lambda_": self.lambda_,
+                "seed": self.seed, "config": self.config.to_dict()}
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    """A validated search space. `cells` is the grid plan (search trials are added as sampled)."""
+
+    path: Path
+    name: str
+    question: str  # the file's top comment
+    fixed: dict[str, Any]
+    cells: tuple[Cell, ...]
+    seeds: tuple[int, ...]
+    resources: Resources
+    max_concurrent: int | None
+    max_failures: int
+    search: Search | None
+
+    def trials(self) -> list[Cell]:
+        """One cell per distinct trial id, in plan order."""
+        seen: dict[str, Cell] = {}
+        for cell in self.cells:
+            seen.setdefault(cell.trial_id, cell)
+        return list(seen.values())
+
+    def search_config(self, sampled: dict[str, Any]) -> TrialConfig:
+        """The TrialConfig of a search trial: fixed fields, the first seed, the sampled values."""
+        return TrialConfig.from_dict({**self.fixed, "seed": self.seeds[0], **sampled},
+                                     where=f"{self.path}: sampled trial")
+
+
+def trial_id(cfg: TrialConfig) -> str:
+    """Stable, readable id of a trial: `k2-l0.6-s0-<hash>` / `ref-s0-<hash>`.
+
+    The hash covers every field but RUNTIME_ONLY, so the same resolved config always maps to the
+    same results folder, and any change that alters results maps to a new one.
+    """
+    prefix = f"ref-s{cfg.seed}" if cfg.kind == "reference" else f"k{cfg.k}-l{cfg.lambda_:.3g}-s{cfg.seed}"
+    return f"{prefix}-{cfg.digest(ID_KEYS)[:8]}"
+
+
+def cell_for(cfg: TrialConfig, k: int | None = None) -> Cell:
+    """The plan cell of a config (the grid's `k` may differ from cfg.k for lambda_ = 0)."""
+    if cfg.kind == "reference":
+        return Cell(trial_id(cfg), "reference", None, None, cfg.seed, cfg)
+    if cfg.lambda_ == 0.0 and cfg.k != LAMBDA0_K:
+        cfg = cfg.replace(k=LAMBDA0_K)
+    return Cell(trial_id(cfg), "cascade", cfg.k if k is None else k, cfg.lambda_, cfg.seed, cfg)
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_space(
+    path: str | Path,
+    *,
+    data: str | None = None,
+    backgrounds: str | None = None,
+    test_data: str | None = None,
+    checkpoint: str | None = None,
+    seeds: int | None = None,
+    gpus_per_trial: float | None = None,
+    max_concurrent: int | None = None,
+) -> SweepSpace:
+    """Read, validate and expand a search space; the keyword arguments are command-line overrides.
+
+    `seeds=N` replaces the file's seeds by 0..N-1. Raises UserError (one line, naming the file and
+    key) on anything the orchestrator would not understand.
+    """
+    path = Path(path)
+    raw, question = _read_yaml(path)
+    where = str(path)
+    _check_keys(raw, TOP_KEYS, where)
+    name = _name(raw, where)
+    if "seeds" not in raw:
+        raise UserError(f"{where}: missing key 'seeds'")
+
+    fixed = _mapping(raw.get("fixed", {}), f"{where}: fixed")
+    for key in ("kind", "seed"):
+        if key in fixed:
+            raise UserError(f"{where}: fixed.{key} is set by the sweep (use `reference` / `seeds`)")
+    cli = {"data": data, "backgrounds": backgrounds, "test_data": test_data, "checkpoint": checkpoint}
+    fixed.update({key: value for key, value in cli.items() if value is not None})
+    for key in PATH_FIELDS:
+        if isinstance(fixed.get(key), str):
+            fixed[key] = str(Path(fixed[key]).expanduser().resolve())
+            if key != "base_cache" and not Path(fixed[key]).exists():
+                raise UserError(f"{where}: {key}={fixed[key]}: no such file or folder")
+    if fixed.get("data") and not fixed.get("backgrounds"):
+        fixed["backgrounds"] = _find_backgrounds(Path(fixed["data"]), where)
+    TrialConfig.from_dict(fixed, where=f"{where}: fixed")  # names unknown keys before any expansion
+
+    requires = raw.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise UserError(f"{where}: requires must be a list of config keys")
+    _check_keys(dict.fromkeys(requires), tuple(REQUIRE_FLAGS), f"{where}: requires")
+    missing = [r for r in requires if fixed.get(r) is None]
+    if missing:
+        flags = " and ".join(REQUIRE_FLAGS[r] for r in missing)
+        raise UserError(f"{where} needs {flags} (e.g. make sweep SPACE={path.stem} "
+                        "DATA=/data/Flare7Kpp CKPT=/ckpt/net_g_last.pth)")
+
+    seed_list = _seeds(raw["seeds"], where) if seeds is None else _seed_count(seeds)
+    resources = _resources(raw.get("resources", {}), where)
+    if gpus_per_trial is not None:
+        resources = Resources(cpu=resources.cpu, gpu=float(gpus_per_trial))
+        _check_gpu(resources.gpu, "--gpus-per-trial")
+    concurrent = raw.get("max_concurrent") if max_concurrent is None else max_concurrent
+    if concurrent is not None and not _is_int(concurrent, minimum=1):
+        raise UserError(f"{where}: max_concurrent={concurrent!r} is invalid; expected an integer >= 1")
+    max_failures = raw.get("max_failures", 0)
+    if not _is_int(max_failures, minimum=0):
+        raise UserError(f"{where}: max_failures={max_failures!r} is invalid; expected an integer >= 0")
+
+    reference = raw.get("reference", False)
+    if not isinstance(reference, bool):
+        raise UserError(f"{where}: reference={reference!r} is invalid; expected true or false")
+    search = None
+    if "search" in raw:
+        if "grid" in raw:
+            raise UserError(f"{where}: give either grid or search, not both "
+                            "(constant fields of a search go in fixed)")
+        if len(seed_list) != 1:
+            raise UserError(f"{where}: a search runs one seed; got seeds={list(seed_list)}")
+        search = _search(raw["search"], fixed, where)
+        grid: dict[str, list[Any]] = {}
+    elif "grid" in raw:
+        grid = _grid(raw["grid"], fixed, where)
+    else:
+        raise UserError(f"{where}: missing key 'grid' (or 'search')")
+
+    cells: list[Cell] = []
+    for seed in seed_list:
+        if reference:
+            ref = TrialConfig.from_dict({**fixed, "kind": "reference", "seed": seed},
+                                        where=f"{where}: reference cell")
+            cells.append(cell_for(ref))
+        for values in itertools.product(*grid.values()) if grid else ():
+            point = dict(zip(grid, values))
+            label = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            cfg = TrialConfig.from_dict({**fixed, **point, "seed": seed},
+                                        where=f"{where}: cell {label}, seed={seed}")
+            cells.append(cell_for(cfg, k=cfg.k))
+    for cell in cells:
+        _check_device(cell.config, resources, where)
+    return SweepSpace(path=path, name=name, question=question, fixed=fixed, cells=tuple(cells),
+                      seeds=seed_list, resources=resources, max_concurrent=concurrent,
+                      max_failures=max_failures, search=search)
+
+
+def _find_backgrounds(data: Path, where: str) -> str:
+    """A Flickr24K folder inside or beside the Flare7K++ root (the reference layout)."""
+    candidates = (data / "Flickr24K", data.parent / "Flickr24K")
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate)
+    raise UserError(f"{where}: data={data} needs backgrounds (flare-free images, e.g. Flickr24K): "
+                    f"pass --backgrounds DIR; none at {candidates[0]} or {candidates[1]}")
+
+
+def space_name(path: str | Path) -> str:
+    """The sweep name of a space file (its results folder), without expanding the space."""
+    raw, _ = _read_yaml(Path(path))
+    return _name(raw, str(path))
+
+
+def _name(raw: dict[str, Any], where: str) -> str:
+    if "name" not in raw:
+        raise UserError(f"{where}: missing key 'name'")
+    name = raw["name"]
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UserError(f"{where}: name={name!r} is invalid; expected a folder name "
+                        "(letters, digits, '-', '_', '.')")
+    return name
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads `1e-3` as a float (YAML 1.1 reads a str)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], str]:
+    """(mapping, top comment) of a space file; UserError when missing, unparsable or uncommented."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read search space ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{line} invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of search-space keys")
+    comment = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    question = " ".join(c for c in comment if c)
+    if not question:
+        raise UserError(f"{path}: start the file with a comment saying what question it answers")
+    return raw, question
+
+
+def _check_keys(mapping: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = [key for key in mapping if key not in known]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; expected one of {', '.join(known)}")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(_is_int(s, 0) for s in value):
+        raise UserError(f"{where}: seeds={value!r} is invalid; expected a non-empty list of integers >= 0")
+    if len(set(value)) != len(value):
+        raise UserError(f"{where}: seeds={value!r} repeats a seed")
+    return tuple(value)
+
+
+def _seed_count(n: int) -> tuple[int, ...]:
+    if not _is_int(n, 1):
+        raise UserError(f"--seeds {n!r} is invalid; expected an integer >= 1")
+    return tuple(range(n))
+
+
+def _check_gpu(gpu: Any, where: str) -> None:
+    ok = isinstance(gpu, (int, float)) and not isinstance(gpu, bool) and math.isfinite(gpu) and gpu >= 0
+    if not ok or (gpu > 1 and gpu != int(gpu)):
+        raise UserError(f"{where}={gpu!r} is invalid; expected a fraction in [0, 1] or a whole number of GPUs")
+
+
+def _resources(value: Any, where: str) -> Resources:
+    raw = _mapping(value, f"{where}: resources")
+    _check_keys(raw, RESOURCE_KEYS, f"{where}: resources")
+    cpu = raw.get("cpu", 1)
+    if isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or not cpu > 0:
+        raise UserError(f"{where}: resources.cpu={cpu!r} is invalid; expected a number > 0")
+    gpu = raw.get("gpu", 0)
+    _check_gpu(gpu, f"{where}: resources.gpu")
+    return Resources(cpu=float(cpu), gpu=float(gpu))
+
+
+def _check_device(cfg: TrialConfig, resources: Resources, where: str) -> None:
+    """A trial pinned to CUDA needs a GPU from Ray; one pinned to the CPU must not hold one."""
+    if cfg.device == "cuda" and resources.gpu == 0:
+        raise UserError(f"{where}: device: cuda needs resources.gpu > 0 (or --gpus-per-trial)")
+    if cfg.device == "cpu" and resources.gpu > 0:
+        raise UserError(f"{where}: device: cpu would leave the trial's {resources.gpu:g} GPU idle; "
+                        "set fixed.device to auto or cuda")
+
+
+def _grid(value: Any, fixed: dict[str, Any], where: str) -> dict[str, list[Any]]:
+    grid = _mapping(value, f"{where}: grid")
+    if not grid:
+        raise UserError(f"{where}: grid is empty; give at least one key with a list of values")
+    known = {f.name for f in fields(TrialConfig)} - {"kind", "seed"}
+    for key, values in grid.items():
+        if key not in known:
+            TrialConfig.from_dict({key: None}, where=f"{where}: grid")  # raises with a hint
+            raise UserError(f"{where}: grid.{key} is set by the sweep (use `reference` / `seeds`)")
+        if key in fixed:
+            raise UserError(f"{where}: {key} is in both grid and fixed")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: grid.{key} is empty; expected a non-empty list of values")
+        if len({repr(v) for v in values}) != len(values):
+            raise UserError(f"{where}: grid.{key}={values!r} repeats a value")
+    return grid
+
+
+def _search(value: Any, fixed: dict[str, Any], where: str) -> Search:
+    raw = _mapping(value, f"{where}: search")
+    _check_keys(raw, SEARCH_KEYS, f"{where}: search")
+    for key in ("algorithm", "metric", "mode", "num_samples", "params"):
+        if key not in raw:
+            raise UserError(f"{where}: search.{key} is missing")
+    if raw["algorithm"] not in SEARCH_ALGORITHMS:
+        raise UserError(f"{where}: search.algorithm={raw['algorithm']!r}; expected one of "
+                        + ", ".join(SEARCH_ALGORITHMS))
+    from cascade.metrics import summary_keys  # here: it pulls in scikit-image, `status` need not
+
+    protocol = TrialConfig.from_dict(fixed).protocol
+    if raw["metric"] not in summary_keys(protocol):
+        raise UserError(f"{where}: search.metric={raw['metric']!r}; expected one of "
+                        + ", ".join(summary_keys(protocol)))
+    if raw["mode"] not in MODES:
+        raise UserError(f"{where}: search.mode={raw['mode']!r}; expected max or min")
+    if not _is_int(raw["num_samples"], 1):
+        raise UserError(f"{where}: search.num_samples={raw['num_samples']!r}; expected an integer >= 1")
+    seed = raw.get("seed")
+    if seed is not None and not _is_int(seed, 0):
+        raise UserError(f"{where}: search.seed={seed!r}; expected an integer >= 0")
+    params_raw = _mapping(raw["params"], f"{where}: search.params")
+    if not params_raw:
+        raise UserError(f"{where}: search.params is empty; give at least one field to sample")
+    params = tuple(_param(name, spec, fixed, f"{where}: search.params.{name}")
+                   for name, spec in params_raw.items())
+    asha = None
+    scheduler = _mapping(raw.get("scheduler"), f"{where}: search.scheduler")
+    _check_keys(scheduler, SCHEDULERS, f"{where}: search.scheduler")
+    if "asha" in scheduler:
+        asha = _mapping(scheduler["asha"], f"{where}: search.scheduler.asha")
+        _check_keys(asha, ASHA_KEYS, f"{where}: search.scheduler.asha")
+        for key, v in asha.items():
+            if not _is_int(v, 2 if key == "reduction_factor" else 1):
+                raise UserError(f"{where}: search.scheduler.asha.{key}={v!r}; expected a positive integer"
+                                + (" >= 2" if key == "reduction_factor" else ""))
+    return Search(algorithm=raw["algorithm"], metric=raw["metric"], mode=raw["mode"],
+                  num_samples=raw["num_samples"], seed=seed, params=params, asha=asha)
+
+
+def _param(name: str, spec: Any, fixed: dict[str, Any], where: str) -> Param:
+    if name in fixed:
+        raise UserError(f"{where}: {name} is also in fixed")
+    if name in ("kind", "seed"):
+        raise UserError(f"{where}: {name} cannot be searched")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise UserError(f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}")
+    (dist, args), = spec.items()
+    if dist not in DISTRIBUTIONS:
+        raise UserError(f"{where}: unknown distribution {dist!r}; expected one of {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(args, list) or not args:
+        raise UserError(f"{where}: {dist} needs a list of values")
+    if dist != "choice":
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise UserError(f"{where}: {dist} needs [low, high]")
+        low, high = args
+        if not low < high:
+            raise UserError(f"{where}: {dist} [{low}, {high}] is empty; expected low < high")
+        if dist == "loguniform" and low <= 0:
+            raise UserError(f"{where}: loguniform needs low > 0")
+        if dist == "randint" and not all(_is_int(a, -(2**62)) for a in args):
+            raise UserError(f"{where}: randint needs integer bounds")
+    # Every value the distribution can produce must be a valid config (ranges are convex, so the
+    # end points suffice); e.g. lambda_: {uniform: [0, 1.5]} fails here, not in trial 7.
+    # randint's high is exclusive, as in Ray Tune.
+    for value in (args if dist != "randint" else (args[0], args[1] - 1)):
+        TrialConfig.from_dict({**fixed, name: value}, where=where)
+    return Param(name=name, distribution=dist, args=tuple(args))
+
+
+# -- where each trial stands: results/<sweep>/trials/<trial_id>/ ------------------------------
+# The results folder is the record (docs/design.md, "Results on disk"); Ray's experiment state is
+# not consulted. Besides the documented files, the orchestrator keeps two small ones:
+#   progress.json  {"run_id", "step", "steps", "started", "updated", "host", "pid"}: heartbeat
+#   stopped.json   {"reason", "step"}: ended early by the scheduler (ASHA), will not be resumed
+# and results/<sweep>/run.json {"run_id", "pid", "host", "started"} beside the lock file `.lock`
+# that a running `sweep.py run` holds.
+
+STATES = ("done", "running", "failed", "stopped", "interrupted", "pending")
+
+
+@dataclass(frozen=True)
+class TrialStatus:
+    """Where one trial stands, read from its folder."""
+
+    trial_id: str
+    state: str  # one of STATES
+    error: str | None = None  # first line of error.json's "error" (state "failed")
+    step: int | None = None  # last reported step
+    steps: int | None = None  # steps the trial runs
+    elapsed_s: float | None = None  # wall time so far (done: the trial's own wall_s)
+    eta_s: float | None = None  # running: remaining time at its current pace
+    metrics: dict[str, Any] | None = None  # metrics.json (state "done")
+
+
+def trial_status(trial_dir: Path, active_run: str | None, now: float) -> TrialStatus:
+    """State of the trial in `trial_dir`; `active_run` is the run id of a live `sweep.py run`."""
+    tid = trial_dir.name
+    metrics = _read_json_or_none(trial_dir / "metrics.json")
+    if metrics is not None:
+        return TrialStatus(tid, "done", elapsed_s=_number(metrics.get("wall_s")),
+                           steps=_number(metrics.get("steps")), metrics=metrics)
+    progress = _read_json_or_none(trial_dir / "progress.json") or {}
+    step, steps = _number(progress.get("step")), _number(progress.get("steps"))
+    # A retry moves error.json aside and deletes stopped.json when it starts, so either file
+    # belongs to the trial's last attempt, even one of the live run.
+    if (trial_dir / "error.json").exists():
+        error = _read_json_or_none(trial_dir / "error.json") or {}
+        text = str(error.get("error") or "").strip()
+        first = text.splitlines()[0] if text else "unknown error (unreadable error.json)"
+        return TrialStatus(tid, "failed", error=first, step=_number(error.get("step")), steps=steps)
+    if (trial_dir / "stopped.json").exists():
+        return TrialStatus(tid, "stopped", step=step, steps=steps)
+    if active_run is not None and progress.get("run_id") == active_run:
+        elapsed = now - float(progress.get("started", now))
+        eta = elapsed * (steps - step) / step if step and steps else None
+        return TrialStatus(tid, "running", step=step, steps=steps, elapsed_s=elapsed, eta_s=eta)
+    if progress or any((trial_dir / "checkpoints").glob("*")):
+        return TrialStatus(tid, "interrupted", step=step, steps=steps)
+    return TrialStatus(tid, "pending")
+
+
+def sweep_statuses(sweep_dir: Path, trial_ids: list[str], now: float) -> list[TrialStatus]:
+    """`trial_status` of every id (in order), against the run currently holding the sweep."""
+    run = active_run(sweep_dir)
+    return [trial_status(sweep_dir / "trials" / tid, run, now) for tid in trial_ids]
+
+
+def progress_line(statuses: list[TrialStatus], concurrency: int, elapsed_s: float | None = None) -> str:
+    """One line a person can follow: counts, best-so-far PSNR per region, elapsed and ETA."""
+    counts = {s: sum(t.state == s for t in statuses) for s in STATES}
+    todo = counts["pending"] + counts["interrupted"]
+    parts = [f"{counts['done']}/{len(statuses)} done", f"{counts['running']} running",
+             f"{counts['failed']} failed", f"{todo} pending"]
+    if counts["stopped"]:
+        parts.append(f"{counts['stopped']} stopped early")
+    best = []
+    for region in ("entire", "streak", "glare"):
+        values = [_number(t.metrics.get(f"psnr_{region}")) for t in statuses if t.metrics]
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if values:
+            best.append(f"{region} {max(values):.2f}")
+    line = " | ".join([", ".join(parts)] + (["best PSNR " + " ".join(best)] if best else []))
+    times = ([f"elapsed {format_duration(elapsed_s)}"] if elapsed_s is not None else [])
+    eta = sweep_eta(statuses, concurrency)
+    if eta is not None and (todo or counts["running"]):
+        times.append(f"ETA {format_duration(eta)}")
+    return line + (" | " + ", ".join(times) if times else "")
+
+
+def sweep_eta(statuses: list[TrialStatus], concurrency: int) -> float | None:
+    """Seconds until every running and pending trial is done, at the pace seen so far.
+
+    A trial's duration is estimated as the mean over finished trials and running ones (elapsed +
+    remaining); None before any trial has finished or reported progress.
+    """
+    durations = [t.elapsed_s for t in statuses if t.state == "done" and t.elapsed_s]
+    durations += [t.elapsed_s + t.eta_s for t in statuses if t.state == "running" and t.eta_s is not None]
+    if not durations:
+        return None
+    mean = sum(durations) / len(durations)
+    running = [t.eta_s if t.eta_s is not None else mean for t in statuses if t.state == "running"]
+    waiting = sum(t.state in ("pending", "interrupted") for t in statuses)
+    return (sum(running) + mean * waiting) / max(1, concurrency)
+
+
+def format_duration(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h04m`."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def active_run(sweep_dir: Path) -> str | None:
+    """Run id of the `sweep.py run` holding `sweep_dir`, or None when no run holds it."""
+    lock = sweep_dir / ".lock"
+    if not lock.exists():
+        return None
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            run = _read_json_or_none(sweep_dir / "run.json") or {}
+            return str(run.get("run_id", "?"))
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+class SweepLock:
+    """Held by `sweep.py run` for its whole life: one run per results folder at a time.
+
+    An flock dies with its process, so a killed driver never leaves a stale lock behind.
+    """
+
+    def __init__(self, sweep_dir: Path, run_id: str):
+        self.sweep_dir, self.run_id = sweep_dir, run_id
+        self._fh = None
+
+    def __enter__(self) -> SweepLock:
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.sweep_dir / ".lock", "a+")  # noqa: SIM115 - held until __exit__
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            run = _read_json_or_none(self.sweep_dir / "run.json") or {}
+            raise UserError(f"{self.sweep_dir} is in use by another `sweep.py run` "
+                            f"(pid {run.get('pid', '?')} on {run.get('host', '?')}); "
+                            "wait for it or stop it first") from None
+        atomic_write_json(self.sweep_dir / "run.json", {
+            "run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.time()})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _number(value: Any) -> Any:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
