@@ -174,6 +174,15 @@ class TrialConfig:
             raise bad("crop" if self.crop < 16 else "test_size", "an image side >= 16")
         if self.data is not None and self.backgrounds is None:
             raise UserError(f"{where}: data={self.data!r} needs backgrounds (a Flickr24K-style folder)")
+        if self.encoder_weights is not None and not self.encoder_pretrained:
+            raise UserError(f"{where}: encoder_weights={self.encoder_weights!r} needs "
+                            "encoder_pretrained: true (the file holds pretrained weights)")
+        from cascade.encoders import check_encoder_name  # deferred: imports timm, builds nothing
+
+        try:
+            check_encoder_name(self.encoder)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
         if self.fail_at_step is not None and self.fail_at_step < 0:
             raise bad("fail_at_step", "a step >= 0 or null")
 

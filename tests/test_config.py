@@ -43,6 +43,7 @@ def test_unknown_key_is_named_with_suggestion():
         ("encoder_pretrained", "yes", r"encoder_pretrained='yes' is invalid; expected true or false"),
         ("lr", 0, r"lr=0.0 is invalid; expected a finite number > 0"),
         ("encoder", None, r"encoder must not be null"),
+        ("encoder", "vgg", r"config: unknown encoder 'vgg'; expected one of vit_l16_swag"),
     ],
 )
 def test_bad_values_are_named(key, value, message):
@@ -67,3 +68,8 @@ def test_digest_is_stable_and_sensitive():
     assert a.digest() != a.replace(lambda_=0.4).digest()
     assert a.digest(("embed_dim",)) == a.replace(lambda_=0.4).digest(("embed_dim",))
     assert len(a.digest()) == 12
+
+
+def test_local_weights_need_pretrained():
+    with pytest.raises(UserError, match="encoder_weights='/w.pth' needs encoder_pretrained: true"):
+        TrialConfig.from_dict({"encoder_weights": "/w.pth", "encoder_pretrained": False})
