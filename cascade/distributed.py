@@ -6,18 +6,18 @@ so a backend is one class here plus one entry in `BACKENDS`:
 - `"none"`: `Local`, one process; every collective is the identity.
 - `"ddp"`:  `DDP`, torch.distributed (gloo on CPU, NCCL on CUDA); gradients are averaged by
   `DistributedDataParallel` during `backward`; parameters are broadcast from rank 0 when wrapped.
-- `"horovod"`: `cascade.hvd.HorovodBackend` (written in the Horovod issue): same interface, with
-  `hvd.DistributedOptimizer` averaging gradients and `hvd.broadcast_parameters` /
-  `broadcast_optimizer_state` from rank 0 in `broadcast_state`; launched by `cascade.hvd.launch`
-  (horovodrun running `python -m cascade.distributed PAYLOAD`).
+- `"horovod"`: `Horovod`, same interface, with `hvd.DistributedOptimizer` averaging gradients and
+  `hvd.broadcast_parameters` / `broadcast_optimizer_state` from rank 0 in `broadcast_state`;
+  launched as `horovodrun -np N --gloo python -m cascade.distributed PAYLOAD`
+  (`cascade.hvd.horovodrun_command`).
 
 Semantics shared by every backend (documented for users in `cascade.train`): the global batch is
 `batch_size` images per optimizer step, split into `world_size` rank-disjoint shards; gradients are
 averaged over ranks, so a step equals a single-process step on the whole global batch and the
 learning rate is *not* scaled with the number of workers. Only rank 0 evaluates and writes files.
 
-`launch(backend, workers, target, args)` runs `target(dp, *args)` on every rank and returns rank 0's
-return value. Results and exceptions come back through files in a private temporary folder, so the
+`launch(backend, workers, target, args, report=...)` runs `target(dp, report, *args)` on every rank
+and returns rank 0's return value; rank 0's progress reports are relayed to the caller's `report`. Results and exceptions come back through files in a private temporary folder, so the
 same protocol works for processes we spawn and for ones started by an external launcher; a
 `UserError` (or any exception) raised on a rank is re-raised in the caller with its original type.
 """
@@ -25,11 +25,14 @@ same protocol works for processes we spawn and for ones started by an external l
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pickle
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -136,19 +139,48 @@ class DDP(DataParallel):
             dist.destroy_process_group()
 
 
-def _horovod(device: torch.device | str) -> DataParallel:
-    try:
-        from cascade import hvd
-    except ImportError as exc:
-        raise UserError(f"backend 'horovod' is not available ({exc}); build it with `make horovod`") from exc
-    return hvd.HorovodBackend(device)
+class Horovod(DataParallel):
+    """Horovod (gloo controller; gloo ops on CPU, NCCL on GPU when built so), one rank per
+    process started by horovodrun. Not covered by this module's tests (Horovod is optional; the
+    Horovod issue's tests run it when `make horovod` has built it)."""
+
+    name = "horovod"
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        import horovod.torch as hvd  # optional dependency, imported only when asked for
+
+        hvd.init()
+        self._hvd = hvd
+        device = torch.device(device)
+        if device.type == "cuda":
+            device = torch.device("cuda", hvd.local_rank() % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        super().__init__(hvd.rank(), hvd.size(), device)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        # Averages gradients over ranks (op=Average), like DDP: lr is not scaled.
+        return self._hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        self._hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        ops = {"sum": self._hvd.Sum, "min": self._hvd.Min, "max": self._hvd.Max}
+        return self._hvd.allreduce(tensor, op=ops[op])
+
+    def barrier(self) -> None:
+        self._hvd.barrier()
+
+    def close(self) -> None:
+        self._hvd.shutdown()
 
 
 # name -> constructor(device) for a rank inside an already launched group
 BACKENDS: dict[str, Callable[[torch.device | str], DataParallel]] = {
     "none": lambda device: Local(device=device),
     "ddp": DDP,
-    "horovod": _horovod,
+    "horovod": Horovod,
 }
 
 
@@ -166,35 +198,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+
 def launch(
     backend: str,
     workers: int,
     target: Callable[..., Any],
     args: tuple[Any, ...],
     device: torch.device | str = "cpu",
+    report: Report | None = None,
 ) -> Any:
-    """Run `target(dp, *args)` on `workers` ranks of `backend`; return rank 0's result.
+    """Run `target(dp, report, *args)` on `workers` ranks of `backend`; return rank 0's result.
 
     `target` must be a module-level function (it is pickled into fresh processes). With one worker
-    or backend "none" it runs in this process. A rank's exception is re-raised here, same type.
+    or backend "none" it runs in this process. Rank 0's `report(metrics, checkpoint_dir)` calls are
+    relayed to `report` in *this* process and thread (Ray's `tune.report` only works there); other
+    ranks get `report=None`. A rank's exception is re-raised here with its original type.
     """
     if backend == "none" or workers == 1:
-        return target(Local(device=device), *args)
+        return target(Local(device=device), report, *args)
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     with tempfile.TemporaryDirectory(prefix="flaresweep-launch-") as tmp:
         payload = Path(tmp) / "payload.pkl"
         payload.write_bytes(pickle.dumps((backend, str(device), target, args)))
+        relay = _Relay(Path(tmp) / "progress.jsonl", report)
         if backend == "horovod":
-            from cascade import hvd  # the Horovod issue's launcher: horovodrun ... -m cascade.distributed
-
-            hvd.launch(workers, payload)
-        elif backend == "ddp":
-            _spawn(workers, payload)
+            _run_horovod(workers, payload, relay)
         else:
-            raise UserError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+            _spawn(workers, payload, relay)
+        relay.poll()
         return _collect(Path(tmp), workers)
 
 
-def _spawn(workers: int, payload: Path) -> None:
+class _Relay:
+    """Forward rank 0's report calls, written as JSON lines to `path`, to `report`."""
+
+    def __init__(self, path: Path, report: Report | None) -> None:
+        self.path, self.report, self.offset = path, report, 0
+
+    def poll(self) -> None:
+        if self.report is None or not self.path.is_file():
+            return
+        with open(self.path, encoding="utf-8") as fh:
+            fh.seek(self.offset)
+            while (line := fh.readline()).endswith("\n"):  # a partial last line waits
+                self.offset += len(line.encode("utf-8"))
+                item = json.loads(line)
+                self.report(item["metrics"], item["checkpoint_dir"])
+
+
+def _file_report(path: Path) -> Report:
+    """Rank 0's `report` inside a launched group: append one JSON line per call."""
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"metrics": metrics, "checkpoint_dir": checkpoint_dir}) + "\n")
+
+    return report
+
+
+def _spawn(workers: int, payload: Path, relay: _Relay) -> None:
     """Start `workers` processes of `run_payload` (spawn, not fork: safe with threads and CUDA)."""
     ctx = mp.get_context("spawn")
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(workers)}
@@ -206,7 +271,8 @@ def _spawn(workers: int, payload: Path) -> None:
     try:
         pending = {p.sentinel: p for p in procs}
         while pending:
-            for sentinel in wait(list(pending)):
+            relay.poll()
+            for sentinel in wait(list(pending), timeout=0.5):
                 p = pending.pop(sentinel)
                 p.join()
                 if p.exitcode != 0:  # a dead rank would leave its peers blocked in a collective
@@ -227,6 +293,25 @@ def _spawned_rank(rank: int, env: dict[str, str], threads: int, payload: str) ->
     run_payload(payload)
 
 
+def _run_horovod(workers: int, payload: Path, relay: _Relay) -> None:
+    """`horovodrun -np N --gloo python -m cascade.distributed PAYLOAD`, relaying progress."""
+    from cascade import hvd
+
+    reason = hvd.horovod_unavailable_reason()
+    if reason is not None:
+        raise UserError(f"backend 'horovod' is not available: {reason}")
+    cmd = hvd.horovodrun_command(workers, [sys.executable, "-m", "cascade.distributed", str(payload)])
+    proc = subprocess.Popen(cmd)
+    try:
+        while proc.poll() is None:
+            relay.poll()
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 def run_payload(payload: str | os.PathLike) -> None:
     """Body of one rank, whoever launched it: init backend, run target, leave result/error files."""
     out = Path(payload).parent
@@ -236,7 +321,7 @@ def run_payload(payload: str | os.PathLike) -> None:
     try:
         dp = init_backend(backend, device)
         rank = dp.rank
-        result = target(dp, *args)
+        result = target(dp, _file_report(out / "progress.jsonl") if dp.is_main else None, *args)
         if dp.is_main:
             (out / "result.pkl").write_bytes(pickle.dumps(result))
     except BaseException as exc:

@@ -9,7 +9,7 @@ from cascade import distributed
 from cascade.errors import UserError
 
 
-def _train_linear(dp: distributed.DataParallel, steps: int) -> dict:
+def _train_linear(dp: distributed.DataParallel, report, steps: int) -> dict:
     """Tiny regression; each rank sees its strided shard of the global batch of 8."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -26,11 +26,13 @@ def _train_linear(dp: distributed.DataParallel, steps: int) -> dict:
         opt.step()
     total = dp.all_reduce(torch.tensor([float(dp.rank)]), op="sum")
     low = dp.all_reduce(torch.tensor([float(dp.rank)]), op="min")
+    if report is not None:  # only rank 0 gets one
+        report({"rank": dp.rank, "step": steps}, None)
     return {"weight": model.weight.detach().clone(), "world": dp.world_size,
             "rank_sum": float(total), "rank_min": float(low)}
 
 
-def _raise_on_rank_1(dp: distributed.DataParallel) -> None:
+def _raise_on_rank_1(dp: distributed.DataParallel, report) -> None:
     if dp.rank == 1:
         raise UserError("bad input seen on rank 1")
     dp.barrier()  # rank 0 would block here forever if the launcher did not end the group
@@ -49,13 +51,16 @@ def test_shards_are_disjoint_and_cover_the_batch():
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_on_the_global_batch():
+    reports: list = []
     single = distributed.launch("none", 1, _train_linear, (5,))
-    double = distributed.launch("ddp", 2, _train_linear, (5,))
+    double = distributed.launch("ddp", 2, _train_linear, (5,),
+                                report=lambda m, c: reports.append((m, c)))
+    assert reports == [({"rank": 0, "step": 5}, None)]  # relayed from rank 0 only
     assert double["world"] == 2 and single["world"] == 1
     assert double["rank_sum"] == 1.0 and double["rank_min"] == 0.0
     # mean of two shard-mean gradients == full-batch mean gradient (equal shard sizes)
     torch.testing.assert_close(double["weight"], single["weight"], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(single["weight"], _train_linear(distributed.Local(), 0)["weight"])
+    assert not torch.equal(single["weight"], _train_linear(distributed.Local(), None, 0)["weight"])
 
 
 @pytest.mark.slow
