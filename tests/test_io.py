@@ -25,12 +25,8 @@ def test_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["table1.csv"]
 
 
-def test_permissions_follow_the_umask(tmp_path):
-    import os
+def test_results_are_not_owner_only(tmp_path):
+    from cascade import io
 
-    old = os.umask(0o022)
-    try:
-        atomic_write_text(tmp_path / "a.txt", "x")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~io._UMASK
