@@ -1,0 +1,512 @@
+"""One trial of the ablation, end to end: `train(cfg) -> dict`, and `python -m cascade.train`.
+
+A trial (cfg.kind):
+- "cascade": build the cascade from the base network (`cascade.base.ensure_base`), fine-tune its
+  anchor with the paper's loss (`cascade.losses.cascade_loss`: k, lambda_, delta, margin) for
+  `cfg.steps` optimizer steps, then evaluate the anchor's output on the test set;
+- "reference" (Table 1's "Uformer" row): evaluate the base network alone, no training,
+  through exactly the same evaluation path (`evaluate_model`).
+
+Training semantics
+- Global batch = `batch_size` images per optimizer step, whatever the number of workers: with
+  `backend: ddp` (or `horovod`) and `workers: N`, each of N processes gets a rank-disjoint 1/N of
+  every global batch (`batch_size % workers == 0`) and gradients are averaged over ranks, so a step
+  is a single-process step on the whole batch and `lr` is *not* scaled with N (scale it yourself
+  if you also grow `batch_size`). Only rank 0 checkpoints, reports, evaluates and writes.
+- Data is a pure function of (seed, step): step s uses sample indices s*B .. s*B+B-1 of the
+  training pairs (`ProceduralPairs(crop, seed)` or `Flare7KPairs(data, backgrounds, crop, seed)`);
+  the global torch RNG (stochastic depth in the anchor) is reseeded from (seed, step, rank) each
+  step. Together with the checkpointed model/optimizer/schedule state, an interrupted and resumed
+  run on the CPU ends with weights bit-identical to an uninterrupted one.
+- The negative network runs without a graph, f(positive)/f(negative) likewise (inside
+  `cascade_loss`); on CUDA `precision: bf16` autocasts the networks and `channels_last` changes the
+  memory format. Losses are read back to the host only every `log_every` steps (and at checkpoint
+  steps): a non-finite loss is recorded on the device at the step it happens and raised as
+  `NonFiniteLossError` (naming that step and the loss terms) at the next such point, before any
+  checkpoint could store the broken weights.
+- Checkpoints: every `checkpoint_every` steps and at the end, `checkpoint_dir/last.pt` (atomic);
+  a trial given a folder with a checkpoint resumes from it (its config must match, see
+  `RESUME_MAY_CHANGE`).
+
+Evaluation: every test image, whole (tiled above 512 px), in fp32, through
+`cascade.model.remove_flare`; channels 0:3 rounded to uint8 and scored by
+`cascade.metrics.evaluate_arrays` under `cfg.protocol`.
+
+Outputs in `output_dir` (all atomic): config.json, metrics.json (the returned dict), per_image.csv,
+samples/<stem>.png for the first `n_samples` test images. Nothing is written when output_dir is None.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cascade import checkpoint as ckpt
+from cascade.base import ensure_base, ensure_test_data, resolve_device
+from cascade.config import TrialConfig
+from cascade.distributed import DataParallel, launch
+from cascade.errors import UserError, cli_errors
+from cascade.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+# Config fields that may differ between a checkpoint and the run resuming it: they change how the
+# run is executed or logged, not what it computes (on the CPU; a device change breaks bit-identity
+# but is still the same experiment, e.g. a retry on a node with a different GPU count).
+RESUME_MAY_CHANGE = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache",
+                     "fail_at_step", "n_samples", "workers", "backend", "device", "compile")
+LOSS_TERMS = ("loss", "reg", "perceptual", "triplet")  # "loss" is LossTerms.total
+_NEVER = 2**62  # "no non-finite step yet" (min-reduced over ranks)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; `step` (1-based optimizer step) and `terms`.
+
+    Not a UserError: the config was valid; the run diverged (too large an lr, or a bug). The
+    orchestrator records it in error.json with its step and marks the trial failed.
+    """
+
+    def __init__(self, step: int, terms: dict[str, float]) -> None:
+        self.step, self.terms = step, terms
+        detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+        super().__init__(f"non-finite loss at step {step}: {detail} (lower lr, or check the data)")
+
+
+# -- building blocks -------------------------------------------------------------------------------
+
+
+def build_optimizer(cfg: TrialConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD (the paper's, lr 1e-3), Adam or AdamW with cfg's lr / momentum / weight_decay."""
+    params = list(params)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    betas = (cfg.momentum, 0.999) if cfg.momentum > 0 else (0.9, 0.999)  # momentum = beta1 if set
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: TrialConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """"constant" or "cosine" (to 0 at `steps`); stepped once per optimizer step."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def build_pairs(cfg: TrialConfig) -> Any:
+    """Training pairs with `.batch(indices, device) -> (input, gt, flare)` (B, 3, crop, crop)."""
+    if cfg.data is not None:
+        from cascade.data.flare7k import Flare7KPairs
+
+        return Flare7KPairs(cfg.data, cfg.backgrounds, cfg.crop, cfg.seed,
+                            random_erasing=cfg.random_erasing)
+    from cascade.data.synthetic import ProceduralPairs
+
+    return ProceduralPairs(cfg.crop, cfg.seed)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global torch RNG for one step of one rank (63-bit, from sha256)."""
+    digest = hashlib.sha256(f"flaresweep-step:{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def step_indices(cfg: TrialConfig, step: int) -> torch.Tensor:
+    """Sample indices of the global batch of `step` (0-based): step*B .. step*B + B - 1."""
+    return torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+
+
+def _batches(pairs: Any, cfg: TrialConfig, dp: DataParallel, start: int
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """This rank's (input, gt, flare) for steps start .. steps-1, on dp.device.
+
+    Flare7K files are decoded in `num_workers` loader processes (each sample is a pure function of
+    its index, so workers do not change the data); synthesis runs batched on the device.
+    """
+    steps = range(start, cfg.steps)
+    if cfg.data is not None and cfg.num_workers > 0:
+        loader = torch.utils.data.DataLoader(
+            _DecodeSteps(pairs, cfg, dp, steps), batch_size=None, num_workers=cfg.num_workers,
+            persistent_workers=False, prefetch_factor=2,
+        )
+        for raw in loader:
+            yield pairs.synthesize(raw, dp.device)
+    else:
+        for step in steps:
+            yield pairs.batch(dp.shard(step_indices(cfg, step)), dp.device)
+
+
+class _DecodeSteps(torch.utils.data.Dataset):
+    """Item i = this rank's decoded raw samples of step steps[i] (Flare7K CPU side)."""
+
+    def __init__(self, pairs: Any, cfg: TrialConfig, dp: DataParallel, steps: range) -> None:
+        self.pairs, self.cfg, self.steps = pairs, cfg, steps
+        self.rank, self.world = dp.rank, dp.world_size
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> list[Any]:
+        idx = step_indices(self.cfg, self.steps[i])[self.rank :: self.world]
+        return [self.pairs.decode(int(j)) for j in idx]
+
+
+# -- training (one rank) -----------------------------------------------------------------------------
+
+
+def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_path: str,
+                checkpoint_dir: str | None) -> dict[str, Any] | None:
+    """Fine-tune the anchor on this rank's shards; rank 0 returns the anchor's weights and stats."""
+    from cascade.encoders import build_encoder
+    from cascade.losses import CascadeLoss
+    from cascade.model import CascadedFlareRemover
+
+    device = dp.device
+    if device.type == "cuda":  # cuBLAS needs this for deterministic algorithms
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        torch.manual_seed(cfg.seed)
+        model = CascadedFlareRemover.from_checkpoint(base_path).to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()  # the anchor trains (stochastic depth); the negative stays in eval mode
+        anchor, negative = model.anchor, model.negative
+        needs_encoder = cfg.lambda_ < 1 or cfg.delta > 0
+        encoder = (build_encoder(cfg.encoder, cfg.encoder_pretrained, cfg.encoder_weights).to(device)
+                   if needs_encoder else None)
+        criterion = CascadeLoss(encoder, cfg.k, cfg.lambda_, cfg.delta, cfg.margin)
+        optimizer = build_optimizer(cfg, anchor.parameters())
+        scheduler = build_scheduler(cfg, optimizer)
+
+        start = 0
+        state = ckpt.load_training_checkpoint(checkpoint_dir, device) if checkpoint_dir else None
+        if state is not None:
+            ckpt.check_resumable(state["config"], cfg.to_dict(), RESUME_MAY_CHANGE, where=checkpoint_dir)
+            start = ckpt.restore_training_state(state, model=anchor, optimizer=optimizer,
+                                                scheduler=scheduler)
+            if dp.is_main:
+                log.info("resuming from %s at step %d/%d", checkpoint_dir, start, cfg.steps)
+        optimizer = dp.wrap_optimizer(optimizer, anchor)
+        net = dp.wrap_model(anchor)
+        dp.broadcast_state(anchor, optimizer)
+        if cfg.compile:
+            net = torch.compile(net)
+
+        loop = _Loop(cfg, dp, report, checkpoint_dir, start)
+        bf16 = cfg.precision == "bf16" and device.type == "cuda"
+        pairs = build_pairs(cfg)
+        for step, (inp, gt, _flare) in enumerate(_batches(pairs, cfg, dp, start), start):
+            torch.manual_seed(step_seed(cfg.seed, step, dp.rank))
+            if cfg.channels_last:
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                with torch.no_grad():  # the negative is fixed: no graph
+                    neg = negative(inp)[:, :3]  # (B/W, 3, S, S): the hard negative
+                anc = net(neg)[:, :3]  # (B/W, 3, S, S): the anchor sample, with a graph
+                terms = criterion(anc.float(), gt, neg.float())
+            total = terms.total
+            if cfg.fail_at_step is not None and step + 1 == cfg.fail_at_step:
+                total = total * float("nan")  # test hook: a divergence at a known step
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            scheduler.step()
+            loop.after_step(step + 1, torch.stack([total.detach(), terms.reg.detach(),
+                                                   terms.perceptual.detach(), terms.triplet.detach()]),
+                            anchor, optimizer, scheduler)
+        loop.finish(anchor, optimizer, scheduler)
+        if not dp.is_main:
+            return None
+        return {"anchor": {k: v.detach().cpu() for k, v in anchor.state_dict().items()},
+                "weights_source": encoder.weights_source if encoder is not None else None,
+                **loop.stats()}
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+class _Loop:
+    """Bookkeeping of the step loop: device-side loss sums, sync points, checkpoints, reports."""
+
+    def __init__(self, cfg: TrialConfig, dp: DataParallel, report: Report | None,
+                 checkpoint_dir: str | None, start: int) -> None:
+        self.cfg, self.dp, self.report, self.checkpoint_dir = cfg, dp, report, checkpoint_dir
+        self.start = self.last_sync = start
+        dev = dp.device
+        self.sums = torch.zeros(len(LOSS_TERMS), device=dev, dtype=torch.float64)
+        self.first_bad = torch.full((), _NEVER, device=dev, dtype=torch.int64)
+        self.bad_terms = torch.zeros(len(LOSS_TERMS), device=dev, dtype=torch.float64)
+        self.t0 = time.perf_counter()
+        self.last_terms: dict[str, float] = {}
+        self.done = start
+
+    def after_step(self, done: int, terms: torch.Tensor, model: nn.Module,
+                   optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """`done` optimizer steps taken; terms (4,) on the device. Syncs only at log/ckpt steps."""
+        terms = terms.to(torch.float64)
+        self.sums += terms
+        # First non-finite step, recorded without a host sync (torch.where on the device).
+        new_bad = ~torch.isfinite(terms).all() & (self.first_bad == _NEVER)
+        self.first_bad = torch.where(new_bad, torch.full_like(self.first_bad, done), self.first_bad)
+        self.bad_terms = torch.where(new_bad, terms, self.bad_terms)
+        self.done = done
+        log_now = done % self.cfg.log_every == 0 or done == self.cfg.steps
+        ckpt_now = self.checkpoint_dir is not None and (
+            done % self.cfg.checkpoint_every == 0 or done == self.cfg.steps)
+        if log_now or ckpt_now:
+            self._check_finite()
+        saved = None
+        if ckpt_now and self.dp.is_main:
+            saved = self._save(done, model, optimizer, scheduler)
+        if log_now:
+            self._log(done, saved)
+
+    def _check_finite(self) -> None:
+        first = self.dp.all_reduce(self.first_bad, op="min")
+        if int(first) == _NEVER:
+            return
+        # The terms of the rank(s) that saw the first bad step (NaN survives the sum).
+        mine = (self.first_bad == first).to(torch.float64)
+        terms = self.dp.all_reduce(self.bad_terms * mine, op="sum") / self.dp.all_reduce(mine, op="sum")
+        raise NonFiniteLossError(int(first), dict(zip(LOSS_TERMS, terms.tolist())))
+
+    def _save(self, done: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> str:
+        ckpt.save_training_checkpoint(self.checkpoint_dir, step=done, model=model, optimizer=optimizer,
+                                      scheduler=scheduler, config=self.cfg.to_dict())
+        return str(self.checkpoint_dir)
+
+    def _log(self, done: int, checkpoint_dir: str | None) -> None:
+        n = done - self.last_sync
+        means = (self.dp.all_reduce(self.sums, op="sum") / (n * self.dp.world_size)).tolist()
+        self.sums.zero_()
+        self.last_sync = done
+        self.last_terms = dict(zip(LOSS_TERMS, means))
+        if not self.dp.is_main:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start) * self.cfg.batch_size / max(elapsed, 1e-9)
+        eta = (self.cfg.steps - done) * elapsed / max(done - self.start, 1)
+        metrics = {"step": done, "steps": self.cfg.steps, **self.last_terms,
+                   "images_per_s": rate, "eta_s": eta}
+        log.info("step %d/%d  loss %.4g (reg %.4g, perceptual %.4g, triplet %.4g)  %.1f img/s  ETA %s",
+                 done, self.cfg.steps, *means, rate, _hms(eta))
+        if self.report is not None:
+            self.report(metrics, checkpoint_dir)
+
+    def finish(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """After the loop (also when it had nothing left to do, e.g. resumed at the last step)."""
+        self._check_finite()
+        self.train_s = time.perf_counter() - self.t0
+
+    def stats(self) -> dict[str, Any]:
+        trained = self.done - self.start
+        return {"steps": self.cfg.steps, "steps_this_run": trained, "train_s": self.train_s,
+                "images_per_s": trained * self.cfg.batch_size / self.train_s if trained else None,
+                "step_s": self.train_s / trained if trained else None,
+                "final_terms": self.last_terms}
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+
+
+def predict(model: nn.Module, test_dir: str | os.PathLike, device: torch.device
+            ) -> Iterator[tuple[str, Any, Any, Any]]:
+    """(stem, pred, gt, mask) per test image; pred = the model's deflared image, (H, W, 3) uint8.
+
+    `model`: a Uformer (reference) or a CascadedFlareRemover (its anchor's output), run in eval
+    mode, fp32, whole images (tiled above 512 px) through `cascade.model.remove_flare`.
+    """
+    from cascade.data.images import to_tensor, to_uint8
+    from cascade.data.testset import PairedTestSet
+    from cascade.model import remove_flare
+
+    testset = PairedTestSet(test_dir)
+    model.eval()
+    for i in range(len(testset)):
+        item = testset[i]
+        out = remove_flare(model, to_tensor(item.input, device)[None])  # (1, C, H, W)
+        yield item.stem, to_uint8(out[0, :3].float()), item.gt, item.mask
+
+
+def evaluate_model(model: nn.Module, test_dir: str | os.PathLike, cfg: TrialConfig,
+                   device: torch.device) -> tuple[Any, list[tuple[str, Any]]]:
+    """Per-image metrics DataFrame (cascade.metrics) and the first n_samples (stem, pred)."""
+    from cascade.metrics import evaluate_arrays
+
+    items = list(predict(model, test_dir, device))
+    per_image = evaluate_arrays(items, protocol=cfg.protocol, ssim_window=cfg.ssim_window,
+                                workers=cfg.eval_workers)
+    return per_image, [(stem, pred) for stem, pred, _, _ in items[: cfg.n_samples]]
+
+
+# -- the trial ----------------------------------------------------------------------------------------
+
+
+def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | os.PathLike | None = None,
+          output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one trial; return its summary (metrics.summarize keys + provenance and throughput).
+
+    report(metrics, checkpoint_dir) is called every `log_every` steps (step, loss terms,
+    images_per_s, eta_s; checkpoint_dir when a checkpoint was just written, else None) and once at
+    the end with the returned dict. checkpoint_dir defaults to output_dir/checkpoints (None when
+    both are None: no checkpoints). See the module docstring for what is written.
+    """
+    from cascade.metrics import summarize
+    from cascade.model import CascadedFlareRemover
+    from cascade.uformer import load_checkpoint
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    out = Path(output_dir).resolve() if output_dir is not None else None
+    ckdir = (Path(checkpoint_dir).resolve() if checkpoint_dir is not None
+             else out / "checkpoints" if out is not None else None)
+    if cfg.workers > 1 and cfg.backend == "none":
+        raise UserError(f"workers={cfg.workers} needs backend: ddp or horovod")
+    if cfg.workers > 1 and cfg.batch_size % cfg.workers:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by workers={cfg.workers} "
+                        "(each worker gets an equal share of the global batch)")
+    if out is not None:
+        atomic_write_json(out / "config.json", cfg.to_dict())
+    base_path = ensure_base(cfg)
+    test_dir = ensure_test_data(cfg)
+    from cascade.data.testset import PairedTestSet
+
+    PairedTestSet(test_dir)  # validate the test set before spending time on training
+
+    stats: dict[str, Any] = {"steps": 0, "train_s": 0.0, "images_per_s": None, "step_s": None,
+                             "final_terms": {}, "weights_source": None}
+    if cfg.kind == "cascade":
+        stats = launch(cfg.backend, cfg.workers, _train_rank,
+                       (cfg, str(base_path), str(ckdir) if ckdir is not None else None),
+                       device=device, report=report)
+        model: nn.Module = CascadedFlareRemover.from_checkpoint(base_path)
+        model.anchor.load_state_dict(stats.pop("anchor"))
+    else:
+        model = load_checkpoint(base_path)
+    model = model.to(device)
+
+    t_eval = time.perf_counter()
+    per_image, samples = evaluate_model(model, test_dir, cfg, device)
+    eval_s = time.perf_counter() - t_eval
+    cascade_run = cfg.kind == "cascade"
+    result = {
+        **summarize(per_image),
+        "kind": cfg.kind,
+        "k": cfg.k if cascade_run else None,
+        "lambda_": cfg.lambda_ if cascade_run else None,
+        "delta": cfg.delta if cascade_run else None,
+        "margin": cfg.margin if cascade_run else None,
+        "seed": cfg.seed,
+        "encoder": cfg.encoder if cascade_run else None,
+        "encoder_pretrained": cfg.encoder_pretrained if cascade_run else None,
+        "weights_source": stats["weights_source"],
+        "steps": stats["steps"],
+        "images_per_s": stats["images_per_s"],
+        "step_s": stats["step_s"],
+        "train_s": stats["train_s"],
+        "eval_s": eval_s,
+        "wall_s": time.perf_counter() - t0,
+        **{f"final_{k}": v for k, v in stats["final_terms"].items()},
+        "test_data_dir": str(test_dir),
+        "base_checkpoint": str(base_path),
+        "device": str(device),
+        "backend": cfg.backend,
+        "workers": cfg.workers,
+    }
+    if out is not None:
+        from cascade.data.images import write_png
+
+        with atomic_path(out / "per_image.csv", suffix=".csv") as tmp:
+            per_image.to_csv(tmp, index=False)
+        for stem, pred in samples:
+            write_png(out / "samples" / f"{stem}.png", pred)
+        atomic_write_json(out / "metrics.json", result)
+    if report is not None:
+        report(result, str(ckdir) if ckdir is not None else None)
+    return result
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrialConfig:
+    """TrialConfig from a YAML/JSON file plus `key=value` overrides (values parsed as YAML)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}  # JSON is YAML
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read config ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{p}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{p}: expected a mapping of config keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value")
+        values[key.strip()] = yaml.safe_load(value)
+    return TrialConfig.from_dict(values, where=str(p) + (" (with --set)" if overrides else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cascade.train",
+        description="Run one flaresweep trial (no Ray): train the cascade or evaluate the reference, "
+                    "write config.json, metrics.json, per_image.csv and samples/ to --output-dir.")
+    parser.add_argument("--config", required=True, help="YAML or JSON file of TrialConfig fields")
+    parser.add_argument("--output-dir", help="results folder (default: results/train/<config hash>)")
+    parser.add_argument("--checkpoint-dir", help="checkpoint folder (default: OUTPUT_DIR/checkpoints)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable), e.g. --set lambda_=0.4")
+    return parser
+
+
+@cli_errors
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.output_dir or Path("results") / "train" / cfg.digest())
+    bar = tqdm(total=cfg.steps if cfg.kind == "cascade" else 0, unit="step", dynamic_ncols=True)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if "eta_s" in metrics:  # a progress report (the final one carries the summary)
+            bar.update(metrics["step"] - bar.n)
+            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in (*LOSS_TERMS, "images_per_s")})
+
+    try:
+        result = train(cfg, report=report, checkpoint_dir=args.checkpoint_dir, output_dir=out)
+    except NonFiniteLossError as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    bar.close()
+    keys = [k for k in ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "ssim_streak",
+                        "ssim_glare", "images_per_s", "wall_s") if result.get(k) is not None]
+    print(f"{out}: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys))
+    return result
+
+
+if __name__ == "__main__":
+    main()
