@@ -1,0 +1,317 @@
+"""sweep.py: Ray Tune runs of small spaces with a fast fake train(), resume from the results folder.
+
+The fake `fake_train` has train()'s signature and writes the documented results layout; it appends
+one line per call to <sweep>/calls.log, so a test can prove that no training happened. Ray runs
+for real (2 CPUs); the trial processes import this module by name (PYTHONPATH=tests/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sweep
+from cascade.io import atomic_write_json, read_json
+from cascade.space import load_space
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FAKE_TRAIN, FAKE_BASE = "test_sweep:fake_train", "test_sweep:fake_base"
+
+
+# -- the fake trainer (runs inside Ray trial processes) ------------------------------------------
+
+
+def fake_train(cfg, report=None, checkpoint_dir=None, output_dir=None) -> dict:
+    """train() stand-in: cfg.steps steps of nothing, checkpoints, metrics that depend on k and λ.
+
+    Resumes from `checkpoint_dir/last.json`. Fails at `cfg.fail_at_step`. When the sweep folder
+    holds a file `crash-<trial folder>`, the process dies (os._exit) once, at step 3.
+    """
+    out, ckpt = Path(output_dir), Path(checkpoint_dir)
+    sweep_dir = out.parent.parent
+    start = read_json(ckpt / "last.json")["step"] if (ckpt / "last.json").exists() else 0
+    with open(sweep_dir / "calls.log", "a") as fh:
+        fh.write(f"{out.name} start={start}\n")
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    for step in range(start + 1, (cfg.steps if cfg.kind == "cascade" else 0) + 1):
+        time.sleep(float(os.environ.get("FAKE_STEP_S", "0.05")))
+        if cfg.fail_at_step == step:
+            raise FloatingPointError(f"non-finite loss at step {step}\nsecond line")
+        crash = sweep_dir / f"crash-{out.name}"
+        if step == 3 and crash.exists():
+            crash.unlink()
+            os._exit(3)
+        if step % cfg.checkpoint_every == 0:
+            atomic_write_json(ckpt / "last.json", {"step": step})
+        if report is not None and step % cfg.log_every == 0:
+            report({"step": step, "loss": 1.0 / step, "psnr_entire": _psnr(cfg) * step / cfg.steps},
+                   str(ckpt))
+    psnr = _psnr(cfg)
+    (out / "per_image.csv").write_text(
+        "image,region,metric,value\n" + "".join(f"img{i}.png,entire,psnr,{psnr}\n" for i in range(2)))
+    metrics = {"psnr_entire": psnr, "psnr_streak": psnr + 6, "psnr_glare": psnr + 3,
+               "ssim_entire": 0.8, "ssim_streak": 0.9, "ssim_glare": 0.85, "n_images": 2,
+               "steps": cfg.steps, "wall_s": 0.5, "protocol": cfg.protocol}
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _psnr(cfg) -> float:
+    return 20.0 if cfg.kind == "reference" else 20.0 + cfg.lambda_ + cfg.k / 10 - (cfg.margin - 0.1) ** 2
+
+
+def fake_base(cfg) -> Path:
+    return Path("/nonexistent/fake-base.pth")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+MINI = """\
+# A reduced demo grid for the sweep tests.
+name: mini
+grid:
+  k: [1, 2]
+  lambda_: [1.0, 0.0]
+fixed:
+  steps: 6
+  log_every: 2
+  checkpoint_every: 2
+  encoder: small_cpu
+  encoder_pretrained: false
+reference: true
+seeds: [0]
+resources: {cpu: 1, gpu: 0}
+max_concurrent: 2
+max_failures: 0
+"""
+
+
+def _space(tmp_path: Path, text: str = MINI, name: str = "space.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return load_space(path)
+
+
+def _opts(tmp_path: Path, **changes) -> sweep.RunOptions:
+    return sweep.RunOptions(results=tmp_path / "results", train_fn=FAKE_TRAIN, base_fn=FAKE_BASE,
+                            **changes)
+
+
+def _calls(tmp_path: Path, sweep_name: str = "mini") -> list[str]:
+    log = tmp_path / "results" / sweep_name / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    sweep.start_local_ray(num_cpus=2, log_to_driver=False,
+                          runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    yield ray
+    ray.shutdown()
+
+
+# -- tests with real Ray ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grid_runs_every_cell_then_resume_skips_and_new_cells_run_alone(ray_session, tmp_path, capsys):
+    space = _space(tmp_path)
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 0
+    sweep_dir = tmp_path / "results" / "mini"
+    plan = read_json(sweep_dir / "sweep.json")
+    assert len(plan["cells"]) == 5  # reference + 2 k x 2 lambda_
+    ids = {c["trial_id"] for c in plan["cells"]}
+    assert len(ids) == 4  # the λ=0 pair is one trial
+    for tid in ids:
+        metrics = read_json(sweep_dir / "trials" / tid / "metrics.json")
+        assert metrics["trial_id"] == tid
+        assert (sweep_dir / "trials" / tid / "per_image.csv").is_file()
+        assert read_json(sweep_dir / "trials" / tid / "config.json")["seed"] == 0
+    calls = _calls(tmp_path)
+    assert sorted(line.split()[0] for line in calls) == sorted(ids)
+    out = capsys.readouterr().out
+    assert "4/4 done" in out and "complete" in out
+
+    # Re-running: nothing trains, Ray is not even needed.
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 0
+    assert _calls(tmp_path) == calls
+    assert "nothing to run" in capsys.readouterr().out
+
+    # A cell added to the space runs alone.
+    bigger = _space(tmp_path, MINI.replace("lambda_: [1.0, 0.0]", "lambda_: [1.0, 0.5, 0.0]"))
+    assert sweep.run_sweep(bigger, _opts(tmp_path)).left == 0
+    new = _calls(tmp_path)[len(calls):]
+    assert [line.split()[0] for line in new] == sorted(
+        c.trial_id for c in bigger.trials() if c.lambda_ == 0.5)
+    assert len(read_json(sweep_dir / "sweep.json")["cells"]) == 7
+
+    lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results")
+    assert len(lines) == 8 and all(" done " in line for line in lines[:-1])
+    assert lines[-1].startswith("mini: 6/6 done, 0 running, 0 failed, 0 pending")
+
+
+@pytest.mark.slow
+def test_failed_trial_is_recorded_and_retried_interrupted_one_resumes(ray_session, tmp_path):
+    space = _space(tmp_path, MINI.replace("lambda_: [1.0, 0.0]", "lambda_: [1.0]").replace(
+        "reference: true", "reference: false").replace("steps: 6", "steps: 6\n  fail_at_step: 5"))
+    sweep_dir = tmp_path / "results" / "mini"
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 2
+    lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results")
+    assert all("failed" in line and "FloatingPointError: non-finite loss at step 5" in line
+               for line in lines[:2])
+    error = read_json(sweep_dir / "trials" / space.cells[0].trial_id / "error.json")
+    assert error["error"] == "FloatingPointError: non-finite loss at step 5"
+    assert "Traceback" in error["traceback"] and error["step"] == 4
+
+    # --no-retry-failed leaves them alone; the default retries them (from their checkpoints).
+    assert sweep.run_sweep(space, _opts(tmp_path, retry_failed=False)).left == 2
+    assert len(_calls(tmp_path)) == 2
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 2
+    assert sorted(_calls(tmp_path)[2:]) == sorted(f"{c.trial_id} start=4" for c in space.cells)
+    assert (sweep_dir / "trials" / space.cells[0].trial_id / "error.previous.json").is_file()
+
+    # A trial whose process dies is failed with a message, then resumes from its checkpoint.
+    ok = _space(tmp_path, MINI.replace("lambda_: [1.0, 0.0]", "lambda_: [0.5]").replace(
+        "reference: true", "reference: false"), name="ok.yaml")
+    victim = ok.cells[0].trial_id
+    (sweep_dir / f"crash-{victim}").touch()
+    assert sweep.run_sweep(ok, _opts(tmp_path)).left == 1
+    error = read_json(sweep_dir / "trials" / victim / "error.json")
+    assert error["error"].startswith("trial process died")
+    assert sweep.run_sweep(ok, _opts(tmp_path)).left == 0
+    assert _calls(tmp_path)[-1] == f"{victim} start=2"
+    assert read_json(sweep_dir / "trials" / victim / "metrics.json")["trial_id"] == victim
+
+
+@pytest.mark.slow
+def test_interrupted_trial_continues_from_its_checkpoint(ray_session, tmp_path):
+    space = _space(tmp_path, MINI.replace("k: [1, 2]", "k: [2]").replace(
+        "lambda_: [1.0, 0.0]", "lambda_: [0.6]").replace("reference: true", "reference: false"))
+    tid = space.cells[0].trial_id
+    tdir = tmp_path / "results" / "mini" / "trials" / tid
+    # What a killed run leaves: a checkpoint and a stale heartbeat of another run.
+    atomic_write_json(tdir / "checkpoints" / "last.json", {"step": 4})
+    atomic_write_json(tdir / "progress.json", {"run_id": "old", "step": 4, "steps": 6})
+    lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results")
+    assert "nothing run yet" in lines[0]
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 0
+    assert _calls(tmp_path) == [f"{tid} start=4"]
+
+
+@pytest.mark.slow
+def test_optuna_search_records_its_trials_and_resumes(ray_session, tmp_path):
+    text = MINI.split("grid:")[0] + """\
+fixed:
+  k: 2
+  steps: 6
+  log_every: 2
+  checkpoint_every: 2
+reference: true
+seeds: [0]
+resources: {cpu: 1}
+max_concurrent: 2
+search:
+  algorithm: optuna
+  metric: psnr_entire
+  mode: max
+  num_samples: 3
+  seed: 1
+  params:
+    lambda_: {uniform: [0.0, 1.0]}
+    margin: {loguniform: [0.01, 1.0]}
+  scheduler:
+    asha: {grace_period: 2, reduction_factor: 2}
+"""
+    space = _space(tmp_path, text)
+    left = sweep.run_sweep(space, _opts(tmp_path)).left
+    sweep_dir = tmp_path / "results" / "mini"
+    plan = read_json(sweep_dir / "sweep.json")
+    sampled = [c for c in plan["cells"] if "sampled" in c]
+    assert left == 0 and len(sampled) == 3 and plan["cells"][0]["kind"] == "reference"
+    for cell in sampled:
+        assert 0.0 <= cell["lambda_"] <= 1.0 and cell["config"]["margin"] == cell["sampled"]["margin"]
+        tdir = sweep_dir / "trials" / cell["trial_id"]
+        assert (tdir / "metrics.json").is_file() or (tdir / "stopped.json").is_file()
+    assert len(_calls(tmp_path)) == 4
+
+    # Asking for more samples runs only the new ones (warm-started from the finished three).
+    more = _space(tmp_path, text.replace("num_samples: 3", "num_samples: 4"))
+    assert sweep.run_sweep(more, _opts(tmp_path)).left == 0
+    assert len(_calls(tmp_path)) == 5
+    assert len([c for c in read_json(sweep_dir / "sweep.json")["cells"] if "sampled" in c]) == 4
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_unreachable_ray_address_is_a_one_line_error(tmp_path):
+    (tmp_path / "space.yaml").write_text(MINI)
+    env = {"RAY_ADDRESS": "127.0.0.1:1", sweep.TRAIN_FN_ENV: FAKE_TRAIN, sweep.BASE_FN_ENV: FAKE_BASE,
+           "PYTHONPATH": str(TESTS)}
+    start = time.time()
+    proc = _cli("run", "--space", str(tmp_path / "space.yaml"), "--results", str(tmp_path / "r"),
+                "--connect-timeout", "5", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: cannot reach Ray at RAY_ADDRESS=127.0.0.1:1")
+    assert time.time() - start < 60
+
+
+def test_schema_errors_exit_2_with_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text(MINI.replace("max_failures: 0", "max_failure: 0"))
+    proc = _cli("run", "--space", str(tmp_path / "bad.yaml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {tmp_path / 'bad.yaml'}: unknown key 'max_failure'; "
+                                   "expected one of " + ", ".join(__import__("cascade.space").space.TOP_KEYS))
+    proc = _cli("run", "--space", "search_spaces/table1.yaml")
+    assert proc.returncode == 2 and "needs --data DIR and --checkpoint PATH" in proc.stderr
+
+
+def test_help_of_each_subcommand(tmp_path):
+    for command, words in (("run", ("--space", "--storage", "--gpus-per-trial", "--retry-failed",
+                                    "RAY_ADDRESS")),
+                           ("status", ("--space", "--results")), ("table1", ("--space",))):
+        proc = _cli(command, "--help")
+        assert proc.returncode == 0
+        for word in words:
+            assert word in proc.stdout, (command, word)
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path):
+    (tmp_path / "space.yaml").write_text(MINI.replace("steps: 6", "steps: 400").replace(
+        "reference: true", "reference: false"))
+    env = {sweep.TRAIN_FN_ENV: FAKE_TRAIN, sweep.BASE_FN_ENV: FAKE_BASE, "PYTHONPATH": str(TESTS),
+           "FAKE_STEP_S": "0.05"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "sweep.py"), "run", "--space", str(tmp_path / "space.yaml"),
+         "--results", str(tmp_path / "results"), "--cpus", "2"],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, **env})
+    sweep_dir = tmp_path / "results" / "mini"
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(
+            (p / "last.json").exists() for p in sweep_dir.glob("trials/*/checkpoints")):
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted. Run the same command again" in out
+    assert "Tuner.restore" not in out
+    lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results")
+    assert any(" interrupted " in line for line in lines), lines
+    assert json.loads((sweep_dir / "sweep.json").read_text())["name"] == "mini"
