@@ -60,7 +60,6 @@ def window_reverse(windows: Tensor, win: int, H: int, W: int) -> Tensor:
     return x.reshape(B, H, W, C)
 
 
-@functools.lru_cache(maxsize=64)
 def shift_attention_mask(H: int, W: int, win: int, shift: int, device: torch.device) -> Tensor:
     """Additive attention mask of a shifted-window block, for a (H, W) feature map.
 
@@ -70,19 +69,31 @@ def shift_attention_mask(H: int, W: int, win: int, shift: int, device: torch.dev
     in, as in Swin/Uformer; pairs with different labels get -100.
 
     Returns:
-        (nW, win*win, win*win) float32 with values in {0, -100}; cached per size and device.
+        (nW, win*win, win*win) float32 with values in {0, -100}; cached per size and device
+        (built in the graph instead under torch.compile, which would otherwise warn about the cache).
     """
-    # A normal (non-inference) tensor, so a mask first built under inference_mode can later be
-    # used while training.
-    with torch.inference_mode(False), torch.no_grad():
-        def bands(n: int) -> Tensor:
-            idx = torch.arange(n, device=device)
-            return (idx >= n - win).long() + (idx >= n - shift).long()  # 0, 1, 2
+    if torch.compiler.is_compiling():
+        return _build_shift_mask(H, W, win, shift, device)
+    return _cached_shift_mask(H, W, win, shift, device)
 
-        labels = bands(H)[:, None] * 3 + bands(W)[None, :]  # (H, W)
-        windows = window_partition(labels[None, :, :, None], win)[0, :, :, 0]  # (nW, N)
-        differs = windows[:, :, None] != windows[:, None, :]  # (nW, N, N)
-        return differs.float() * _MASK_FILL
+
+def _build_shift_mask(H: int, W: int, win: int, shift: int, device: torch.device) -> Tensor:
+    def bands(n: int) -> Tensor:
+        idx = torch.arange(n, device=device)
+        return (idx >= n - win).long() + (idx >= n - shift).long()  # 0, 1, 2
+
+    labels = bands(H)[:, None] * 3 + bands(W)[None, :]  # (H, W)
+    windows = window_partition(labels[None, :, :, None], win)[0, :, :, 0]  # (nW, N)
+    differs = windows[:, :, None] != windows[:, None, :]  # (nW, N, N)
+    return differs.float() * _MASK_FILL
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_shift_mask(H: int, W: int, win: int, shift: int, device: torch.device) -> Tensor:
+    # An ordinary tensor even when first built under inference_mode, since the same cached mask
+    # later serves training, where inference tensors are restricted (no saving for backward).
+    with torch.inference_mode(False), torch.no_grad():
+        return _build_shift_mask(H, W, win, shift, device)
 
 
 def relative_position_index(win: int) -> Tensor:

@@ -16,6 +16,7 @@ from cascade.errors import UserError
 from cascade.uformer import (
     ARCH_KEYS,
     Uformer,
+    _cached_shift_mask,
     infer_arch,
     load_checkpoint,
     read_state_dict,
@@ -178,6 +179,18 @@ def test_shift_attention_mask_known_counts() -> None:
     # of 4 tokens -> masked pairs 0, 16*8, 16*8, 16*12.
     assert (mask == -100).sum(dim=(1, 2)).tolist() == [0, 128, 128, 192]
     assert torch.equal(mask, mask.transpose(1, 2))
+
+
+def test_masks_cached_under_inference_mode_serve_training() -> None:
+    _cached_shift_mask.cache_clear()
+    torch.manual_seed(0)
+    model = Uformer(**TINY)
+    with torch.inference_mode():
+        model.eval()(wave_image(32, 32))
+    assert _cached_shift_mask.cache_info().currsize > 0
+    assert not shift_attention_mask(32, 32, 4, 2, torch.device("cpu")).is_inference()
+    model.train()(wave_image(32, 32)).mean().backward()
+    assert model.encoderlayer_0.blocks[1].attn.relative_position_bias_table.grad is not None
 
 
 def test_relative_position_index_layout() -> None:
