@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, type=Path,
                         help="folder for the deflared PNGs (created if missing)")
     parser.add_argument("--cascade", action="store_true",
-                        help="run the checkpoint twice (negative -> anchor), as the cascade built "
-                             "from one checkpoint does, and write the anchor's output")
+                        help="run the cascade negative -> anchor (--checkpoint is the anchor) and "
+                             "write the anchor's output")
+    parser.add_argument("--negative", type=Path, default=None,
+                        help="with --cascade: weights of the frozen negative network (e.g. the "
+                             "released base) when --checkpoint holds a fine-tuned anchor "
+                             "(default: --checkpoint itself)")
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
                         help="tile side in pixels; larger images are processed in overlapping, "
                              "cross-faded tiles (default: %(default)s)")
@@ -106,13 +110,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"{args.output}: the output folder must differ from the input folder")
     device = resolve_device(args.device)
     uformer = load_checkpoint(args.checkpoint)
-    model = CascadedFlareRemover.from_uformer(uformer) if args.cascade else uformer
+    if args.negative is not None and not args.cascade:
+        raise UserError("--negative only makes sense with --cascade")
+    if args.negative is not None:
+        model = CascadedFlareRemover(load_checkpoint(args.negative), uformer)
+    elif args.cascade:
+        model = CascadedFlareRemover.from_uformer(uformer)
+    else:
+        model = uformer
     model = model.to(device).eval()
 
     metadata: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "arch": uformer.arch,
         "cascade": bool(args.cascade),
+        "negative_checkpoint": str(args.negative or args.checkpoint) if args.cascade else None,
         "tile": args.tile,
         "overlap": overlap,
         "light_source_blend": "flare7k_test_py" if args.blend_light_source else "none",

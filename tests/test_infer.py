@@ -53,7 +53,8 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--checkpoint", "--input", "--output", "--cascade", "--tile", "--overlap",
+    for option in ("--checkpoint", "--input", "--output", "--cascade", "--negative", "--tile",
+                   "--overlap",
                    "--blend-light-source", "--light-threshold", "--device"):
         assert option in text
 
@@ -82,12 +83,28 @@ def test_cascade_and_blend_are_recorded(tmp_path: Path, setup: tuple[Path, Path,
           "--cascade", "--blend-light-source", "--tile", "48", "--device", "cpu"])
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["cascade"] is True and meta["light_source_blend"] == "flare7k_test_py"
+    assert meta["negative_checkpoint"] == str(checkpoint)
     assert meta["light_threshold"] == 0.97 and meta["tile"] == 48 and meta["overlap"] == 12
     # Random-noise inputs have no saturated light source, so the blend leaves pixels unchanged;
     # its 56 px width takes two 48 px tiles, which differ from one pass only slightly.
     cascade = CascadedFlareRemover.from_uformer(model).eval()
     got = read_rgb(out / "b_photo.png").astype(int)
     assert np.abs(got - expected_png(cascade, inputs / "b_photo.png")).max() <= 8
+
+
+def test_cascade_with_a_separate_negative(tmp_path: Path, setup: tuple[Path, Path, Uformer]) -> None:
+    checkpoint, _, anchor = setup
+    torch.manual_seed(1)
+    negative = Uformer(**TINY).eval()
+    save_checkpoint(negative, tmp_path / "negative.pth")
+    inputs = tmp_path / "in"
+    write_png(inputs / "x.png", np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8))
+    main(["--checkpoint", str(checkpoint), "--negative", str(tmp_path / "negative.pth"),
+          "--cascade", "--input", str(inputs), "--output", str(tmp_path / "out")])
+    expected = expected_png(CascadedFlareRemover(negative, anchor).eval(), inputs / "x.png")
+    assert np.array_equal(read_rgb(tmp_path / "out" / "x.png"), expected)
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["negative_checkpoint"] == str(tmp_path / "negative.pth")
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path: Path, setup: tuple[Path, Path, Uformer],
@@ -102,6 +119,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, setup: tuple[Path, Pat
           "--overlap", "16"], "0 <= overlap < tile"),
         (["--checkpoint", str(checkpoint), "--input", str(inputs), "--device", "gpu7"],
          "not a torch device"),
+        (["--checkpoint", str(checkpoint), "--input", str(inputs), "--negative", str(checkpoint)],
+         "--negative only makes sense with --cascade"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as info:
