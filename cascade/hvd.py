@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -43,9 +44,8 @@ def horovod_unavailable_reason() -> str | None:
     if not any((package / "torch").glob("mpi_lib_v2*.so")):
         return f"horovod at {package} has no PyTorch extension (rebuild: make horovod)"
     built_for = _built_for_torch(package / "metadata.json")
-    try:
-        installed = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
+    installed = _torch_version()
+    if installed is None:
         return "torch is not installed"
     if built_for is not None and built_for != installed:
         return f"horovod was built for torch {built_for} but torch {installed} is installed (make horovod)"
@@ -62,6 +62,31 @@ def _built_for_torch(metadata: Path) -> str | None:
     try:
         return json.loads(metadata.read_text()).get("pytorch")
     except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _torch_version() -> str | None:
+    """torch.__version__ (local label included, e.g. "2.15.0+cu132") read from torch/version.py.
+
+    The distribution metadata drops the local label, and a build for +cu132 is not one for +cpu.
+    """
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        try:
+            text = (Path(location) / "version.py").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^__version__\s*(?::\s*str\s*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        if match:
+            return match.group(1)
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 

@@ -34,9 +34,9 @@ def fake_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_available_when_built_for_the_installed_torch(fake_site: Path):
-    import importlib.metadata
+    import torch  # only to learn the version the check must find without importing
 
-    _fake_horovod(fake_site, built_for=importlib.metadata.version("torch"))
+    _fake_horovod(fake_site, built_for=torch.__version__)
     assert hvd.horovod_unavailable_reason() is None
     assert hvd.horovod_available()
     assert "horovod" not in sys.modules  # checking must not import it
@@ -52,6 +52,16 @@ def test_unavailable_without_the_torch_extension(fake_site: Path):
     _fake_horovod(fake_site, extension=False)
     assert not hvd.horovod_available()
     assert "no PyTorch extension" in hvd.horovod_unavailable_reason()
+
+
+def test_torch_version_keeps_the_local_label(fake_site: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # so the fake below is what is found
+    (fake_site / "torch").mkdir()
+    (fake_site / "torch" / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    (fake_site / "torch" / "version.py").write_text("__version__ = '9.1.0+cu999'\ncuda = '99.9'\n")
+    _fake_horovod(fake_site, built_for="9.1.0+cpu")
+    reason = hvd.horovod_unavailable_reason()
+    assert reason is not None and "built for torch 9.1.0+cpu but torch 9.1.0+cu999" in reason
 
 
 def test_unavailable_when_built_for_another_torch(fake_site: Path):
