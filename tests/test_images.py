@@ -142,3 +142,10 @@ def test_to_uint8_rejects_nan_and_bad_shape() -> None:
         to_uint8(torch.full((3, 2, 2), float("nan")))
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         to_uint8(torch.zeros(1, 3, 2, 2))
+
+
+def test_read_rgb_returns_a_writable_array(tmp_path):
+    from cascade.data.images import read_rgb, write_png
+
+    write_png(tmp_path / "a.png", np.zeros((4, 5, 3), dtype=np.uint8))
+    assert read_rgb(tmp_path / "a.png").flags.writeable

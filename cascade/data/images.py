@@ -68,7 +68,8 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     if _png_bit_depth(path) == 16 and mode in ("RGB", "RGBA"):
         # Pillow already dropped the low bytes of a 16-bit colour PNG; say so.
         warnings.warn(f"{path}: 16-bit PNG read as 8 bits per channel", stacklevel=2)
-    return np.ascontiguousarray(array)
+    # np.asarray on a PIL image is read-only; callers (torch.from_numpy) need a writable array.
+    return np.array(array, order="C", copy=not array.flags.writeable)
 
 
 def _to_rgb(img: Image.Image, path: Path, mode: str, has_transparency: bool) -> np.ndarray:
