@@ -69,7 +69,8 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         # Pillow already dropped the low bytes of a 16-bit colour PNG; say so.
         warnings.warn(f"{path}: 16-bit PNG read as 8 bits per channel", stacklevel=2)
     # np.asarray on a PIL image is read-only; callers (torch.from_numpy) need a writable array.
-    return np.array(array, order="C", copy=not array.flags.writeable)
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
 
 
 def _to_rgb(img: Image.Image, path: Path, mode: str, has_transparency: bool) -> np.ndarray:
