@@ -83,6 +83,10 @@ class NonFiniteLossError(RuntimeError):
         detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
         super().__init__(f"non-finite loss at step {step}: {detail} (lower lr, or check the data)")
 
+    def __reduce__(self) -> tuple[type, tuple[int, dict[str, float]]]:
+        # Exceptions pickle as cls(*args); ours takes (step, terms). Needed to cross processes (DDP).
+        return type(self), (self.step, self.terms)
+
 
 # -- building blocks -------------------------------------------------------------------------------
 
@@ -188,24 +192,25 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
         encoder = (build_encoder(cfg.encoder, cfg.encoder_pretrained, cfg.encoder_weights).to(device)
                    if needs_encoder else None)
         criterion = CascadeLoss(encoder, cfg.k, cfg.lambda_, cfg.delta, cfg.margin)
-        optimizer = build_optimizer(cfg, anchor.parameters())
+        # Wrap before the scheduler binds to it: Horovod's DistributedOptimizer is a new object.
+        optimizer = dp.wrap_optimizer(build_optimizer(cfg, anchor.parameters()), anchor)
         scheduler = build_scheduler(cfg, optimizer)
 
-        start = 0
+        start, history = 0, {}
         state = ckpt.load_training_checkpoint(checkpoint_dir, device) if checkpoint_dir else None
         if state is not None:
             ckpt.check_resumable(state["config"], cfg.to_dict(), RESUME_MAY_CHANGE, where=checkpoint_dir)
             start = ckpt.restore_training_state(state, model=anchor, optimizer=optimizer,
                                                 scheduler=scheduler)
+            history = state["extra"]
             if dp.is_main:
                 log.info("resuming from %s at step %d/%d", checkpoint_dir, start, cfg.steps)
-        optimizer = dp.wrap_optimizer(optimizer, anchor)
         net = dp.wrap_model(anchor)
         dp.broadcast_state(anchor, optimizer)
         if cfg.compile:
             net = torch.compile(net)
 
-        loop = _Loop(cfg, dp, report, checkpoint_dir, start)
+        loop = _Loop(cfg, dp, report, checkpoint_dir, start, history)
         bf16 = cfg.precision == "bf16" and device.type == "cuda"
         pairs = build_pairs(cfg)
         for step, (inp, gt, _flare) in enumerate(_batches(pairs, cfg, dp, start), start):
@@ -241,15 +246,18 @@ class _Loop:
     """Bookkeeping of the step loop: device-side loss sums, sync points, checkpoints, reports."""
 
     def __init__(self, cfg: TrialConfig, dp: DataParallel, report: Report | None,
-                 checkpoint_dir: str | None, start: int) -> None:
+                 checkpoint_dir: str | None, start: int, history: dict[str, Any]) -> None:
         self.cfg, self.dp, self.report, self.checkpoint_dir = cfg, dp, report, checkpoint_dir
         self.start = self.last_sync = start
+        # Throughput and last loss terms of the runs before a resume (checkpoint "extra").
+        self.prior_s = float(history.get("train_s", 0.0))
+        self.prior_steps = int(history.get("steps_trained", 0))
         dev = dp.device
         self.sums = torch.zeros(len(LOSS_TERMS), device=dev, dtype=torch.float64)
         self.first_bad = torch.full((), _NEVER, device=dev, dtype=torch.int64)
         self.bad_terms = torch.zeros(len(LOSS_TERMS), device=dev, dtype=torch.float64)
         self.t0 = time.perf_counter()
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, float] = dict(history.get("final_terms", {}))
         self.done = start
 
     def after_step(self, done: int, terms: torch.Tensor, model: nn.Module,
@@ -267,10 +275,12 @@ class _Loop:
             done % self.cfg.checkpoint_every == 0 or done == self.cfg.steps)
         if log_now or ckpt_now:
             self._check_finite()
+        if log_now:
+            self._average_terms(done)  # before saving, so the checkpoint holds this window's means
         saved = None
         if ckpt_now and self.dp.is_main:
             saved = self._save(done, model, optimizer, scheduler)
-        if log_now:
+        if log_now and self.dp.is_main:
             self._log(done, saved)
 
     def _check_finite(self) -> None:
@@ -283,18 +293,23 @@ class _Loop:
         raise NonFiniteLossError(int(first), dict(zip(LOSS_TERMS, terms.tolist())))
 
     def _save(self, done: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> str:
+        history = {"train_s": self.prior_s + time.perf_counter() - self.t0,
+                   "steps_trained": self.prior_steps + done - self.start,
+                   "final_terms": self.last_terms}
         ckpt.save_training_checkpoint(self.checkpoint_dir, step=done, model=model, optimizer=optimizer,
-                                      scheduler=scheduler, config=self.cfg.to_dict())
+                                      scheduler=scheduler, config=self.cfg.to_dict(), extra=history)
         return str(self.checkpoint_dir)
 
-    def _log(self, done: int, checkpoint_dir: str | None) -> None:
+    def _average_terms(self, done: int) -> None:
+        """Mean loss terms over the steps since the last log and over ranks (a collective)."""
         n = done - self.last_sync
         means = (self.dp.all_reduce(self.sums, op="sum") / (n * self.dp.world_size)).tolist()
         self.sums.zero_()
         self.last_sync = done
         self.last_terms = dict(zip(LOSS_TERMS, means))
-        if not self.dp.is_main:
-            return
+
+    def _log(self, done: int, checkpoint_dir: str | None) -> None:
+        means = [self.last_terms[k] for k in LOSS_TERMS]
         elapsed = time.perf_counter() - self.t0
         rate = (done - self.start) * self.cfg.batch_size / max(elapsed, 1e-9)
         eta = (self.cfg.steps - done) * elapsed / max(done - self.start, 1)
@@ -311,10 +326,12 @@ class _Loop:
         self.train_s = time.perf_counter() - self.t0
 
     def stats(self) -> dict[str, Any]:
-        trained = self.done - self.start
-        return {"steps": self.cfg.steps, "steps_this_run": trained, "train_s": self.train_s,
-                "images_per_s": trained * self.cfg.batch_size / self.train_s if trained else None,
-                "step_s": self.train_s / trained if trained else None,
+        """Throughput over every run of this trial (a resumed one included)."""
+        trained = self.prior_steps + self.done - self.start
+        train_s = self.prior_s + self.train_s
+        return {"steps": self.cfg.steps, "train_s": train_s,
+                "images_per_s": trained * self.cfg.batch_size / train_s if trained else None,
+                "step_s": train_s / trained if trained else None,
                 "final_terms": self.last_terms}
 
 
@@ -439,7 +456,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
             write_png(out / "samples" / f"{stem}.png", pred)
         atomic_write_json(out / "metrics.json", result)
     if report is not None:
-        report(result, str(ckdir) if ckdir is not None else None)
+        report(result, str(ckdir) if ckdir is not None and cascade_run else None)
     return result
 
 

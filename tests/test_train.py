@@ -153,6 +153,15 @@ def test_two_ddp_workers_give_the_same_results_structure(cache, tmp_path):
     assert abs(double["final_loss"] - single["final_loss"]) < 0.1 * single["final_loss"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_channels_last_trial_matches_the_cpu_structure(cache, tmp_path):
+    cfg = tiny(cache, device="cuda", precision="bf16", channels_last=True)
+    result = T.train(cfg, output_dir=tmp_path)
+    assert result["device"].startswith("cuda") and result["images_per_s"] > 0
+    assert 0 < result["psnr_entire"] < 100 and result["final_loss"] == result["final_loss"]
+
+
 def test_ddp_rejects_a_batch_that_does_not_split_evenly(cache):
     with pytest.raises(T.UserError, match="divisible"):
         T.train(tiny(cache, batch_size=3, backend="ddp", workers=2))
@@ -180,3 +189,10 @@ def test_step_seeds_differ_by_step_and_rank_and_batches_are_disjoint():
     assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
     cfg = TrialConfig.from_dict({"batch_size": 4})
     assert T.step_indices(cfg, 2).tolist() == [8, 9, 10, 11]
+
+
+def test_non_finite_loss_error_survives_pickling_across_processes():
+    import pickle
+
+    exc = pickle.loads(pickle.dumps(T.NonFiniteLossError(7, {"loss": float("nan"), "reg": 1.0})))
+    assert isinstance(exc, T.NonFiniteLossError) and exc.step == 7 and "step 7" in str(exc)
