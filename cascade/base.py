@@ -101,9 +101,17 @@ def _digest(obj: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _generator() -> str:
+    """Version tag of the procedural data generator: a new tag means new pixels, so new caches."""
+    from cascade.data import synthetic
+
+    return getattr(synthetic, "GENERATOR", "cascade.data.synthetic/1")
+
+
 def base_spec(cfg: TrialConfig) -> dict:
     """Everything that determines the procedural base's weights (recorded in base.json)."""
-    return {k: getattr(cfg, k) for k in BASE_KEYS} | {"base_seed": BASE_SEED, "version": BASE_VERSION}
+    return {k: getattr(cfg, k) for k in BASE_KEYS} | {
+        "base_seed": BASE_SEED, "version": BASE_VERSION, "generator": _generator()}
 
 
 def base_key(cfg: TrialConfig) -> str:
@@ -208,7 +216,8 @@ def _bf16(cfg: TrialConfig, device: torch.device) -> bool:
 
 def test_key(cfg: TrialConfig) -> str:
     """Cache key of the procedural test set."""
-    return _digest({k: getattr(cfg, k) for k in TEST_KEYS} | {"test_seed": TEST_SEED})
+    return _digest({k: getattr(cfg, k) for k in TEST_KEYS} | {"test_seed": TEST_SEED,
+                                                             "generator": _generator()})
 
 
 def ensure_test_data(cfg: TrialConfig) -> Path:

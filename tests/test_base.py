@@ -110,3 +110,13 @@ def test_cache_dir_is_absolute_and_configurable(tmp_path, monkeypatch):
     monkeypatch.setenv("FLARESWEEP_CACHE", str(tmp_path / "c"))
     assert base.cache_dir(TrialConfig()) == tmp_path / "c"
     assert base.cache_dir(cfg_for(tmp_path)) == tmp_path.resolve()
+
+
+def test_a_new_data_generator_version_invalidates_the_caches(tmp_path, monkeypatch):
+    import cascade.data.synthetic as synthetic
+
+    cfg = cfg_for(tmp_path)
+    before = base.base_key(cfg), base.test_key(cfg)
+    monkeypatch.setattr(synthetic, "GENERATOR", "cascade.data.synthetic/999", raising=False)
+    after = base.base_key(cfg), base.test_key(cfg)
+    assert before[0] != after[0] and before[1] != after[1]
