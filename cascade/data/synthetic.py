@@ -75,6 +75,9 @@ LAMP_COLOURS = torch.tensor([
 # Painted light over streak over glare (cascade.masks.paint_mask).
 MASK_THRESHOLDS = {"light": 0.5, "streak": 0.30, "glare": 0.18}
 MAX_LIGHTS = 3
+# Version of the pixels this module renders; bump when they change (cascade.base keys its cached
+# procedural bases on it). /2: PSF sprites, closed-form halo, one RNG draw per sample, noise bank.
+GENERATOR = "cascade.data.synthetic/2"
 MAX_GHOSTS = 4
 _N_SCALARS = 256  # uniform draws reserved per sample for scalar parameters (~150 used)
 _LUMA = (0.2126, 0.7152, 0.0722)
@@ -657,7 +660,7 @@ def generate_dataset(out_dir: str | os.PathLike, n: int, size: int, seed: int,
             write_png(out / "gt" / stem, to_uint8(r.gt[j]))
             write_png(out / "mask" / stem, masks[j])
     atomic_write_json(out / "synthetic.json", {"n": n, "size": size, "seed": seed,
-                                               "generator": "cascade.data.synthetic/1"})
+                                               "generator": GENERATOR})
     return out
 
 
