@@ -174,6 +174,11 @@ class TrialConfig:
             raise bad("crop" if self.crop < 16 else "test_size", "an image side >= 16")
         if self.data is not None and self.backgrounds is None:
             raise UserError(f"{where}: data={self.data!r} needs backgrounds (a Flickr24K-style folder)")
+        if self.workers > 1 and self.backend == "none":
+            raise UserError(f"{where}: workers={self.workers} needs backend: ddp or horovod")
+        if self.batch_size % self.workers:
+            raise UserError(f"{where}: batch_size={self.batch_size} must be divisible by "
+                            f"workers={self.workers} (each worker gets an equal share of the batch)")
         if self.encoder_weights is not None and not self.encoder_pretrained:
             raise UserError(f"{where}: encoder_weights={self.encoder_weights!r} needs "
                             "encoder_pretrained: true (the file holds pretrained weights)")

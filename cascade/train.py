@@ -394,11 +394,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     out = Path(output_dir).resolve() if output_dir is not None else None
     ckdir = (Path(checkpoint_dir).resolve() if checkpoint_dir is not None
              else out / "checkpoints" if out is not None else None)
-    if cfg.workers > 1 and cfg.backend == "none":
-        raise UserError(f"workers={cfg.workers} needs backend: ddp or horovod")
-    if cfg.workers > 1 and cfg.batch_size % cfg.workers:
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by workers={cfg.workers} "
-                        "(each worker gets an equal share of the global batch)")
+    cfg.validate()  # a TrialConfig built directly (not via from_dict) is checked here
     if out is not None:
         atomic_write_json(out / "config.json", cfg.to_dict())
     base_path = ensure_base(cfg)

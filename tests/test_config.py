@@ -73,3 +73,10 @@ def test_digest_is_stable_and_sensitive():
 def test_local_weights_need_pretrained():
     with pytest.raises(UserError, match="encoder_weights='/w.pth' needs encoder_pretrained: true"):
         TrialConfig.from_dict({"encoder_weights": "/w.pth", "encoder_pretrained": False})
+
+
+def test_data_parallel_settings_are_checked():
+    with pytest.raises(UserError, match="workers=2 needs backend: ddp or horovod"):
+        TrialConfig.from_dict({"workers": 2})
+    with pytest.raises(UserError, match="batch_size=5 must be divisible by workers=2"):
+        TrialConfig.from_dict({"workers": 2, "backend": "ddp", "batch_size": 5})
