@@ -39,6 +39,18 @@ def test_make_help_lists_the_readme_commands():
         assert re.search(rf"^  make {target}\s+\S", out, re.M), target
 
 
-def test_cascade_does_not_import_ray():
-    code = "import sys, cascade.config, cascade.io, cascade.masks; assert 'ray' not in sys.modules"
+def test_only_sweep_imports_ray():
+    """STYLE rule 1: cascade/ and reports/ run without Ray; sweep.py is the only Ray layer."""
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        for pkg in ("cascade", "reports")
+        for p in (ROOT / pkg).rglob("*.py")
+        if p.name != "__main__.py" and not p.name.startswith("tune_")
+    )
+    assert "cascade.train" in modules and "reports.table1" in modules
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))\n"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
