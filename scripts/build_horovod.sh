@@ -66,6 +66,7 @@ print(torch.__version__, tag, int(torch.version.cuda is not None),
       int(dist.is_available() and dist.is_nccl_available()), cudart or "-", nccl or "-")
 EOF
 ) || die "'$PY' cannot import torch"
+probe=$(tail -n 1 <<<"$probe")
 read -r TORCH_VERSION PYTAG TORCH_CUDA TORCH_NCCL CUDART_LIB NCCL_HOME <<<"$probe"
 
 # GPU operations over NCCL only where there is a GPU to run them and torch brings NCCL.
@@ -75,7 +76,12 @@ if [[ $TORCH_CUDA == 1 && $TORCH_NCCL == 1 && $NCCL_HOME != - ]] &&
     GPU_OPS=NCCL
 fi
 VARIANT=$([[ $GPU_OPS == NCCL ]] && echo nccl || echo cpu)
-KEY_DIR=$CACHE/torch-$TORCH_VERSION/$VARIANT
+# Horovod's CMake strips the source dir from paths with `string(REGEX REPLACE "${PROJECT_SOURCE_DIR}"`,
+# so a regex character in the build path ('+' as in torch 2.15.0+cu132) silently puts the compiled
+# extension at a wrong path inside the wheel. Keep the key plain and refuse odd cache paths.
+KEY_DIR=$CACHE/torch-${TORCH_VERSION//+/_}/$VARIANT
+[[ $KEY_DIR =~ ^[A-Za-z0-9_./-]+$ ]] ||
+    die "cache path '$KEY_DIR' has characters Horovod's CMake mishandles; set FLARESWEEP_CACHE to a plain path"
 mkdir -p "$KEY_DIR"
 LOG=$KEY_DIR/build-$PYTAG.log
 say "torch $TORCH_VERSION ($PYTAG), variant $VARIANT; cache $KEY_DIR"
@@ -196,6 +202,11 @@ if ((${#wheels[@]} == 0)); then
     built=("$WORK"/dist/horovod-"$HVD_VERSION"-"$PYTAG"-*.whl)
     shopt -u nullglob
     ((${#built[@]} == 1)) || die "pip wheel produced no horovod-$HVD_VERSION-$PYTAG wheel"
+    logged "checking the wheel has horovod/torch/mpi_lib_v2*.so" "$PY" -c "
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+print(*[n for n in names if n.endswith('.so')], sep=' ')
+assert any(n.startswith('horovod/torch/mpi_lib_v2') and n.endswith('.so') for n in names)" "${built[0]}"
     mv "${built[0]}" "$KEY_DIR/"
     wheels=("$KEY_DIR/$(basename "${built[0]}")")
     say "built $(basename "${wheels[0]}") in $((SECONDS - start)) s"
