@@ -177,7 +177,8 @@ def _read_per_image(path: Path, trial_id: str) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=[*PER_IMAGE_COLUMNS, "trial_id"])
     try:
-        frame = pd.read_csv(path)
+        # Stems like "000000" must stay strings: as integers they would never match sample files.
+        frame = pd.read_csv(path, dtype={"image": str})
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: unreadable CSV ({exc})") from None
     missing = [c for c in PER_IMAGE_COLUMNS if c not in frame.columns]

@@ -200,3 +200,13 @@ def test_bad_plan_and_bad_per_image_name_the_file(tmp_path):
     (sweep / "sweep.json").write_text("{not json")
     with pytest.raises(UserError, match="sweep.json: unreadable JSON"):
         load_sweep(sweep)
+
+
+def test_numeric_stems_stay_strings(tmp_path):
+    """The trainer writes stems without extension ("000000"); they must not become the integer 0."""
+    from reports.collect import _read_per_image
+
+    path = tmp_path / "per_image.csv"
+    path.write_text("image,region,metric,value\n000000,entire,psnr,20.5\n000017,entire,psnr,21.0\n")
+    frame = _read_per_image(path, "t")
+    assert list(frame["image"]) == ["000000", "000017"]
