@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -42,11 +43,12 @@ from cascade.space import (
     trial_status,
 )
 
-# What a trial runs and what trains the shared base, as "module:function". The environment
-# variables swap them (tests use a fast fake with the same signatures).
+# What a trial runs, and what the driver builds once before the trials share it (the base network,
+# the test set), as "module:function" (comma-separated). The environment variables swap them:
+# tests use fast fakes with the same signatures.
 DEFAULT_TRAIN_FN, TRAIN_FN_ENV = "cascade.train:train", "FLARESWEEP_TRAIN_FN"
-DEFAULT_BASE_FN, BASE_FN_ENV = "cascade.base:ensure_base", "FLARESWEEP_BASE_FN"
-PROGRESS_EVERY_S = 15.0
+DEFAULT_PREPARE, PREPARE_ENV = "cascade.base:ensure_base,cascade.base:ensure_test_data", "FLARESWEEP_PREPARE"
+PROGRESS_EVERY_S = 30.0
 # File systems a multi-node cluster can share (from /proc/mounts); anything else counts as local.
 SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "cephfs", "ceph",
              "glusterfs", "panfs", "wekafs", "afs", "9p", "fuse.")
@@ -67,7 +69,7 @@ class RunOptions:
     retry_failed: bool = True
     shared_storage: bool = False  # the user vouches that results/storage are shared across nodes
     train_fn: str | None = None  # default: $FLARESWEEP_TRAIN_FN or DEFAULT_TRAIN_FN
-    base_fn: str | None = None  # default: $FLARESWEEP_BASE_FN or DEFAULT_BASE_FN
+    prepare: str | None = None  # default: $FLARESWEEP_PREPARE or DEFAULT_PREPARE
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
             print(f"{space.name}: nothing to run. `{_command(space, 'table1')}` writes the tables.")
             return Outcome(left=_not_done(sweep_dir, plan), interrupted=False)
 
-        _ensure_bases(space, todo, opts.base_fn or os.environ.get(BASE_FN_ENV) or DEFAULT_BASE_FN)
+        _prepare(space, todo, opts.prepare or os.environ.get(PREPARE_ENV) or DEFAULT_PREPARE)
         owns_ray = _connect(opts)
         try:
             storage = _storage(opts, sweep_dir)
@@ -208,7 +210,7 @@ def _print_plan(space, sweep_dir, plan, statuses, todo, new_samples, opts) -> No
     for s in statuses.values():
         counts[s.state] = counts.get(s.state, 0) + 1
     known = ", ".join(f"{n} {state}" for state, n in counts.items())
-    print(f"{space.name}: {space.question}")
+    print(f"{space.name}: {re.split(r'(?<=[?.!]) ', space.question)[0]}")
     print(f"{space.name}: {len(plan.grid) + len(plan.sampled)} cells, {len(statuses)} trials "
           f"({known}) -> {sweep_dir}")
     if todo or new_samples:
@@ -217,18 +219,36 @@ def _print_plan(space, sweep_dir, plan, statuses, todo, new_samples, opts) -> No
               + ("" if opts.retry_failed else "; failed ones are left alone (--no-retry-failed)"))
 
 
-def _ensure_bases(space: SweepSpace, cells: list[Cell], base_fn: str) -> None:
-    """Train (or find) each distinct base network once, in the driver, before trials share it."""
-    ensure_base = _importable(base_fn)
+def _prepare(space: SweepSpace, cells: list[Cell], prepare: str) -> None:
+    """Build what trials share (base network, test set) once, in the driver, before they start.
+
+    Each function takes a TrialConfig and returns a path; they cache by config, so calling them
+    for every cell costs one build per distinct base / test set.
+    """
+    functions = [_importable(spec.strip()) for spec in prepare.split(",") if spec.strip()]
     configs = [c.config for c in cells]
     if space.search is not None:
         configs.append(space.search_config({p.name: p.args[0] for p in space.search.params}))
-    done: set[str] = set()
-    for cfg in configs:
-        path = str(ensure_base(cfg))
-        if path not in done:
-            done.add(path)
-            print(f"{space.name}: base network {path}")
+    # cascade.base logs its training progress at INFO; show it, the first build takes minutes.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"{space.name}: %(message)s"))
+    base_log = logging.getLogger("cascade.base")
+    level = base_log.level
+    base_log.addHandler(handler)
+    base_log.setLevel(logging.INFO)
+    print(f"{space.name}: preparing the base network and the test set (built once, then cached)",
+          flush=True)
+    try:
+        done: set[str] = set()
+        for cfg in configs:
+            for function in functions:
+                path = str(function(cfg))
+                if path not in done:
+                    done.add(path)
+                    print(f"{space.name}: using {path}")
+    finally:
+        base_log.removeHandler(handler)
+        base_log.setLevel(level)
 
 
 # -- Ray ---------------------------------------------------------------------------------------

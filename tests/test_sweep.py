@@ -23,7 +23,7 @@ from cascade.space import load_space
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-FAKE_TRAIN, FAKE_BASE = "test_sweep:fake_train", "test_sweep:fake_base"
+FAKE_TRAIN, FAKE_PREPARE = "test_sweep:fake_train", "test_sweep:fake_base"
 
 
 # -- the fake trainer (runs inside Ray trial processes) ------------------------------------------
@@ -101,7 +101,7 @@ def _space(tmp_path: Path, text: str = MINI, name: str = "space.yaml"):
 
 
 def _opts(tmp_path: Path, **changes) -> sweep.RunOptions:
-    return sweep.RunOptions(results=tmp_path / "results", train_fn=FAKE_TRAIN, base_fn=FAKE_BASE,
+    return sweep.RunOptions(results=tmp_path / "results", train_fn=FAKE_TRAIN, prepare=FAKE_PREPARE,
                             **changes)
 
 
@@ -150,7 +150,7 @@ def test_grid_runs_every_cell_then_resume_skips_and_new_cells_run_alone(ray_sess
     bigger = _space(tmp_path, MINI.replace("lambda_: [1.0, 0.0]", "lambda_: [1.0, 0.5, 0.0]"))
     assert sweep.run_sweep(bigger, _opts(tmp_path)).left == 0
     new = _calls(tmp_path)[len(calls):]
-    assert [line.split()[0] for line in new] == sorted(
+    assert sorted(line.split()[0] for line in new) == sorted(
         c.trial_id for c in bigger.trials() if c.lambda_ == 0.5)
     assert len(read_json(sweep_dir / "sweep.json")["cells"]) == 7
 
@@ -260,7 +260,7 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subproces
 
 def test_unreachable_ray_address_is_a_one_line_error(tmp_path):
     (tmp_path / "space.yaml").write_text(MINI)
-    env = {"RAY_ADDRESS": "127.0.0.1:1", sweep.TRAIN_FN_ENV: FAKE_TRAIN, sweep.BASE_FN_ENV: FAKE_BASE,
+    env = {"RAY_ADDRESS": "127.0.0.1:1", sweep.TRAIN_FN_ENV: FAKE_TRAIN, sweep.PREPARE_ENV: FAKE_PREPARE,
            "PYTHONPATH": str(TESTS)}
     start = time.time()
     proc = _cli("run", "--space", str(tmp_path / "space.yaml"), "--results", str(tmp_path / "r"),
@@ -295,7 +295,7 @@ def test_help_of_each_subcommand(tmp_path):
 def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path):
     (tmp_path / "space.yaml").write_text(MINI.replace("steps: 6", "steps: 400").replace(
         "reference: true", "reference: false"))
-    env = {sweep.TRAIN_FN_ENV: FAKE_TRAIN, sweep.BASE_FN_ENV: FAKE_BASE, "PYTHONPATH": str(TESTS),
+    env = {sweep.TRAIN_FN_ENV: FAKE_TRAIN, sweep.PREPARE_ENV: FAKE_PREPARE, "PYTHONPATH": str(TESTS),
            "FAKE_STEP_S": "0.05"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "sweep.py"), "run", "--space", str(tmp_path / "space.yaml"),
@@ -315,3 +315,17 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path):
     lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results")
     assert any(" interrupted " in line for line in lines), lines
     assert json.loads((sweep_dir / "sweep.json").read_text())["name"] == "mini"
+
+
+def test_multi_node_cluster_needs_shared_storage(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    sweep_dir = tmp_path / "results" / "mini"
+    with pytest.raises(sweep.UserError, match=r"has 2 nodes but --storage .* is on a local disk"):
+        sweep._storage(_opts(tmp_path, storage=str(tmp_path / "ray")), sweep_dir)
+    with pytest.raises(sweep.UserError, match=r"the results folder \(--results\) .* local disk"):
+        sweep._storage(_opts(tmp_path, storage="s3://bucket/ray"), sweep_dir)
+    trusted = _opts(tmp_path, storage=str(tmp_path / "ray"), shared_storage=True)
+    assert sweep._storage(trusted, sweep_dir) == str(tmp_path / "ray")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])  # one node: local is fine
+    assert sweep._storage(_opts(tmp_path), sweep_dir) == str(sweep_dir / "ray")
