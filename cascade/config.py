@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, get_args, get_type_hints
 
@@ -192,6 +193,9 @@ class TrialConfig:
             raise bad("fail_at_step", "a step >= 0 or null")
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
     """Accept YAML/JSON scalars for a field of type `hint`; reject anything else clearly."""
     allowed = get_args(hint) or (hint,)
@@ -208,6 +212,9 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
             raise UserError(f"{where}: {name}={value!r} is invalid; expected an integer")
         return int(value)
     if float in allowed:
+        # PyYAML (YAML 1.1) reads `1e-3` -- an exponent without a dot -- as a string; take it.
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: {name}={value!r} is invalid; expected a number")
         return float(value)

@@ -80,3 +80,14 @@ def test_data_parallel_settings_are_checked():
         TrialConfig.from_dict({"workers": 2})
     with pytest.raises(UserError, match="batch_size=5 must be divisible by workers=2"):
         TrialConfig.from_dict({"workers": 2, "backend": "ddp", "batch_size": 5})
+
+
+def test_yaml_exponent_without_dot_is_a_number():
+    import yaml
+
+    values = yaml.safe_load("lr: 1e-3\nbase_lr: 2E-4\nmargin: .5")
+    assert values["lr"] == "1e-3"  # the PyYAML quirk this guards against
+    cfg = TrialConfig.from_dict(values)
+    assert (cfg.lr, cfg.base_lr, cfg.margin) == (1e-3, 2e-4, 0.5)
+    with pytest.raises(UserError, match="lr='fast' is invalid; expected a number"):
+        TrialConfig.from_dict({"lr": "fast"})
