@@ -93,7 +93,7 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
         _print_plan(space, sweep_dir, plan, statuses, todo, new_samples, opts)
         if not todo and not new_samples:
             print(f"{space.name}: nothing to run. `{_command(space, 'table1')}` writes the tables.")
-            return Outcome(left=_not_done(sweep_dir, plan), interrupted=False)
+            return Outcome(left=_not_done(statuses.values()), interrupted=False)
 
         _prepare(space, todo, opts.prepare or os.environ.get(PREPARE_ENV) or DEFAULT_PREPARE)
         owns_ray = _connect(opts)
@@ -122,7 +122,7 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
         plan = _plan(space, sweep_dir)
         final = sweep_statuses(sweep_dir, [t.trial_id for t in plan.trials()], time.time())
         print(f"{space.name}: {progress_line(final, 1)}")
-        left = _not_done(sweep_dir, plan)
+        left = _not_done(final)
         if interrupted:
             print(f"{space.name}: interrupted. Run the same command again to resume: finished "
                   "trials are kept, unfinished ones continue from their last checkpoint.")
@@ -200,8 +200,8 @@ def _new_samples(space: SweepSpace, plan: _Plan) -> int:
     return 0 if space.search is None else max(0, space.search.num_samples - len(plan.sampled))
 
 
-def _not_done(sweep_dir: Path, plan: _Plan) -> int:
-    statuses = sweep_statuses(sweep_dir, [t.trial_id for t in plan.trials()], time.time())
+def _not_done(statuses) -> int:
+    """Trials still to finish: early-stopped ones count as finished."""
     return sum(s.state not in ("done", "stopped") for s in statuses)
 
 
