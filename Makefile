@@ -7,20 +7,22 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flaresweep-installed
 
-# Sweep knobs: `make sweep SPACE=table1 DATA=/data/Flare7Kpp CKPT=/ckpt/net_g_last.pth`
+# Sweep knobs: `make sweep SPACE=table1 DATA=/data/Flare7Kpp BACKGROUNDS=/data/Flickr24K CKPT=/ckpt/net_g_last.pth`
 SPACE    ?= demo
 DATA     ?=
+BACKGROUNDS ?=
+TEST_DATA ?=
 CKPT     ?=
 STORAGE  ?=
 SWEEP_ARGS ?=
 SPACE_FILE := search_spaces/$(SPACE).yaml
-SWEEP_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(STORAGE),--storage $(STORAGE)) $(SWEEP_ARGS)
+SWEEP_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(BACKGROUNDS),--backgrounds $(BACKGROUNDS)) $(if $(TEST_DATA),--test-data $(TEST_DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(STORAGE),--storage $(STORAGE)) $(SWEEP_ARGS)
 
 .PHONY: help setup sweep table1 status test test-fast lint bench horovod clean distclean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, CKPT=, STORAGE=, SWEEP_ARGS="
+	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, BACKGROUNDS=, TEST_DATA=, CKPT=, STORAGE=, SWEEP_ARGS="
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
