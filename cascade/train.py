@@ -180,7 +180,12 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
     if device.type == "cuda":  # cuBLAS needs this for deterministic algorithms
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also NaN-fills every uninitialised allocation by default: ~450 extra fills
+    # per Uformer forward+backward, 11% of a CPU training step (docs/performance.md). Every op of
+    # the step writes the whole tensor it allocates, so results do not depend on it.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         torch.manual_seed(cfg.seed)
         model = CascadedFlareRemover.from_checkpoint(base_path).to(device)
@@ -240,6 +245,7 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
                 **loop.stats()}
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
 
 
 class _Loop:
