@@ -17,9 +17,11 @@ averaged over ranks, so a step equals a single-process step on the whole global 
 learning rate is *not* scaled with the number of workers. Only rank 0 evaluates and writes files.
 
 `launch(backend, workers, target, args, report=...)` runs `target(dp, report, *args)` on every rank
-and returns rank 0's return value; rank 0's progress reports are relayed to the caller's `report`. Results and exceptions come back through files in a private temporary folder, so the
-same protocol works for processes we spawn and for ones started by an external launcher; a
-`UserError` (or any exception) raised on a rank is re-raised in the caller with its original type.
+and returns rank 0's return value; rank 0's progress reports are relayed to the caller's `report`.
+Results, reports and exceptions come back through files in a private temporary folder, so the
+same protocol works for processes we spawn (DDP) and for ones horovodrun starts; a `UserError` (or
+any exception) raised on a rank is re-raised in the caller with its original type. Asking for
+Horovod where it is not installed is one `UserError` before anything starts (`check_backend`).
 """
 
 from __future__ import annotations
@@ -141,8 +143,7 @@ class DDP(DataParallel):
 
 class Horovod(DataParallel):
     """Horovod (gloo controller; gloo ops on CPU, NCCL on GPU when built so), one rank per
-    process started by horovodrun. Not covered by this module's tests (Horovod is optional; the
-    Horovod issue's tests run it when `make horovod` has built it)."""
+    process started by horovodrun. Tested in tests/test_hvd.py when `make horovod` has built it."""
 
     name = "horovod"
 
@@ -159,11 +160,28 @@ class Horovod(DataParallel):
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         # Averages gradients over ranks (op=Average), like DDP: lr is not scaled.
-        return self._hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        wrapped = self._hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        # Horovod 0.28's zero_grad() takes no `set_to_none` (torch's has since 1.7; the trainer
+        # passes it). Keep Horovod's check that no allreduce is pending, then torch's zero_grad.
+        horovod_zero_grad, torch_zero_grad = wrapped.zero_grad, type(optimizer).zero_grad
+
+        def zero_grad(set_to_none: bool = True) -> None:
+            if getattr(wrapped, "_handles", None):
+                horovod_zero_grad()  # raises: zero_grad between backward and step races the allreduce
+            torch_zero_grad(wrapped, set_to_none=set_to_none)
+
+        wrapped.zero_grad = zero_grad
+        return wrapped
 
     def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self._hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        self._hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        # A fresh optimizer has no state, and horovod's broadcast_optimizer_state creates it by
+        # stepping on zero gradients. That is not a no-op: Adam's step count (so its bias
+        # correction) advances, and weight decay moves the weights, so the run would no longer
+        # equal DDP's or one process's. Fresh optimizers are equal on every rank anyway (same config
+        # over the parameters just broadcast); loaded state (a resume) is broadcast from rank 0.
+        if optimizer.state_dict()["state"]:
+            self._hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         ops = {"sum": self._hvd.Sum, "min": self._hvd.Min, "max": self._hvd.Max}
@@ -212,24 +230,42 @@ def launch(
     """Run `target(dp, report, *args)` on `workers` ranks of `backend`; return rank 0's result.
 
     `target` must be a module-level function (it is pickled into fresh processes). With one worker
-    or backend "none" it runs in this process. Rank 0's `report(metrics, checkpoint_dir)` calls are
-    relayed to `report` in *this* process and thread (Ray's `tune.report` only works there); other
-    ranks get `report=None`. A rank's exception is re-raised here with its original type.
+    or backend "none" it runs in this process (Horovod must still be usable when asked for).
+    Rank 0's `report(metrics, checkpoint_dir)` calls are relayed to `report` in *this* process and
+    thread (Ray's `tune.report` only works there); other ranks get `report=None`. A rank's
+    exception is re-raised here with its original type.
     """
+    check_backend(backend)
     if backend == "none" or workers == 1:
         return target(Local(device=device), report, *args)
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     with tempfile.TemporaryDirectory(prefix="flaresweep-launch-") as tmp:
         payload = Path(tmp) / "payload.pkl"
         payload.write_bytes(pickle.dumps((backend, str(device), target, args)))
         relay = _Relay(Path(tmp) / "progress.jsonl", report)
+        launcher_log = None
         if backend == "horovod":
-            _run_horovod(workers, payload, relay)
+            launcher_log = _run_horovod(workers, payload, relay)
         else:
             _spawn(workers, payload, relay)
         relay.poll()
-        return _collect(Path(tmp), workers)
+        return _collect(Path(tmp), workers, launcher_log)
+
+
+def check_backend(backend: str) -> None:
+    """UserError unless `backend` is known and usable here (Horovod: installed for this torch).
+
+    Cheap (imports nothing): call it before spending time on a trial that would fail at launch.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "horovod":
+        from cascade import hvd
+
+        reason = hvd.horovod_unavailable_reason()
+        if reason == hvd.NOT_INSTALLED:
+            raise UserError("horovod is not installed (run `make horovod`)")
+        if reason is not None:
+            raise UserError(f"horovod is not usable: {reason}")
 
 
 class _Relay:
@@ -293,32 +329,49 @@ def _spawned_rank(rank: int, env: dict[str, str], threads: int, payload: str) ->
     run_payload(payload)
 
 
-def _run_horovod(workers: int, payload: Path, relay: _Relay) -> None:
-    """`horovodrun -np N --gloo python -m cascade.distributed PAYLOAD`, relaying progress."""
+def _run_horovod(workers: int, payload: Path, relay: _Relay) -> Path:
+    """`horovodrun -np N --gloo python -m cascade.distributed PAYLOAD`, relaying progress.
+
+    Returns the file holding horovodrun's own output (its ranks' stdout/stderr, prefixed
+    `[rank]<stream>:`), which `_collect` quotes when no rank left a result or an error. It is not
+    shown otherwise: a failing rank's exception comes back typed, and horovodrun's report of the
+    same failure (a RuntimeError traceback) would only bury it.
+    """
     from cascade import hvd
 
-    reason = hvd.horovod_unavailable_reason()
-    if reason is not None:
-        raise UserError(f"backend 'horovod' is not available: {reason}")
+    env = dict(os.environ)
+    # What spawn gives its children: this process's import path (a target defined in a test or a
+    # script beside it must unpickle on every rank) and an equal share of its CPU threads.
+    env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) if p else os.getcwd() for p in sys.path)
+    env["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // workers))
     cmd = hvd.horovodrun_command(workers, [sys.executable, "-m", "cascade.distributed", str(payload)])
-    proc = subprocess.Popen(cmd)
-    try:
-        while proc.poll() is None:
-            relay.poll()
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+    log_path = payload.parent / "horovodrun.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                relay.poll()
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:  # e.g. `report` raised: horovodrun ends its ranks on SIGTERM
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return log_path
 
 
 def run_payload(payload: str | os.PathLike) -> None:
     """Body of one rank, whoever launched it: init backend, run target, leave result/error files."""
     out = Path(payload).parent
-    backend, device, target, args = pickle.loads(Path(payload).read_bytes())
     rank = int(os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "0")))
     dp: DataParallel | None = None
     try:
+        # Inside the try: a target that does not unpickle here (not importable) is an error to report.
+        backend, device, target, args = pickle.loads(Path(payload).read_bytes())
         dp = init_backend(backend, device)
         rank = dp.rank
         result = target(dp, _file_report(out / "progress.jsonl") if dp.is_main else None, *args)
@@ -337,9 +390,10 @@ def run_payload(payload: str | os.PathLike) -> None:
             dp.close()
 
 
-def _collect(tmp: Path, workers: int) -> Any:
+def _collect(tmp: Path, workers: int, launcher_log: Path | None = None) -> Any:
     """Rank 0's result, or re-raise the root-cause exception: the first written (a rank that dies
-    makes its peers fail too, with "connection closed" errors, a moment later)."""
+    makes its peers fail too, with "connection closed" errors, a moment later). With neither, the
+    tail of `launcher_log` (horovodrun's output) says what happened."""
     errors = sorted(tmp.glob("error-*.pkl"), key=lambda p: (p.stat().st_mtime_ns, p.name))
     if errors:
         exc, tb = pickle.loads(errors[0].read_bytes())
@@ -349,8 +403,12 @@ def _collect(tmp: Path, workers: int) -> Any:
         raise exc
     result = tmp / "result.pkl"
     if not result.is_file():
-        raise RuntimeError(f"data-parallel run with {workers} workers ended without a result "
+        exc = RuntimeError(f"data-parallel run with {workers} workers ended without a result "
                            "(a worker was killed?)")
+        if launcher_log is not None and launcher_log.is_file():
+            tail = launcher_log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+            exc.add_note("launcher output (last lines):\n" + "\n".join(tail))
+        raise exc
     return pickle.loads(result.read_bytes())
 
 
