@@ -84,6 +84,7 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
     """Run (or resume) `space` in <results>/<name>/ and say how far it got."""
     sweep_dir = (opts.results / space.name).resolve()
     run_id = uuid.uuid4().hex[:12]
+    _check_inputs(space, opts, sweep_dir)  # before anything is written: bad input leaves no trace
     with SweepLock(sweep_dir, run_id):
         plan = _plan(space, sweep_dir)
         statuses = {t.trial_id: trial_status(sweep_dir / "trials" / t.trial_id, None, time.time())
@@ -132,6 +133,41 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
         else:
             print(f"{space.name}: complete. `{_command(space, 'table1')}` writes the tables.")
         return Outcome(left=left, interrupted=interrupted)
+
+
+def _check_inputs(space: SweepSpace, opts: RunOptions, sweep_dir: Path) -> None:
+    """Refuse what would only fail later, in a trial or in Ray, with one UserError naming it.
+
+    Test sets are read in full (stems, decodable images, mask colours); checkpoints must be
+    Uformers with 3 or 6 output channels; the results folder and a local storage path must be
+    creatable. Nothing is written, so a refused run leaves the results folder as it was.
+    """
+    from cascade.data.testset import PairedTestSet
+    from cascade.uformer import infer_arch, read_state_dict
+
+    configs = [c.config for c in space.cells]
+    if space.search is not None:
+        configs.append(space.search_config({p.name: p.args[0] for p in space.search.params}))
+    for path in dict.fromkeys(c.test_data for c in configs if c.test_data):
+        PairedTestSet(path)
+    for path in dict.fromkeys(c.checkpoint for c in configs if c.checkpoint):
+        output_ch = infer_arch(read_state_dict(path), where=str(path))["output_ch"]
+        if output_ch not in (3, 6):
+            raise UserError(f"{path}: a Uformer with {output_ch} output channels; expected 3 "
+                            "(Flare7K) or 6 (Flare7K++)")
+    if opts.address:
+        _probe(opts.address, opts.connect_timeout_s)  # an address nobody listens at: before any file
+    folders = [("--results", sweep_dir)]
+    if opts.storage and "://" not in opts.storage:
+        folders.append(("--storage", Path(opts.storage).expanduser().resolve()))
+    for flag, folder in folders:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"{flag} {folder}: cannot create it, {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {folder}: {existing} is not writable")
 
 
 def _command(space: SweepSpace, sub: str) -> str:
