@@ -401,6 +401,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     ckdir = (Path(checkpoint_dir).resolve() if checkpoint_dir is not None
              else out / "checkpoints" if out is not None else None)
     cfg.validate()  # a TrialConfig built directly (not via from_dict) is checked here
+    check_backend(cfg.backend)  # e.g. Horovod missing: say so before building a base or test set
     if out is not None:
         atomic_write_json(out / "config.json", cfg.to_dict())
     base_path = ensure_base(cfg)
@@ -507,20 +508,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = load_config(args.config, args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.output_dir or Path("results") / "train" / cfg.digest())
-    bar = tqdm(total=cfg.steps if cfg.kind == "cascade" else 0, unit="step", dynamic_ncols=True)
+    # Opened at the first progress report: a config or input error stays the only line on stderr.
+    bars: list[Any] = []
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if "eta_s" in metrics:  # a progress report (the final one carries the summary)
+            if not bars:
+                bars.append(tqdm(total=cfg.steps, unit="step", dynamic_ncols=True))
+            bar = bars[0]
             bar.update(metrics["step"] - bar.n)
             bar.set_postfix({k: f"{metrics[k]:.4g}" for k in (*LOSS_TERMS, "images_per_s")})
 
     try:
         result = train(cfg, report=report, checkpoint_dir=args.checkpoint_dir, output_dir=out)
     except NonFiniteLossError as exc:
-        bar.close()
+        for bar in bars:
+            bar.close()
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    bar.close()
+    except UserError:
+        for bar in bars:
+            bar.close()
+        raise
+    for bar in bars:
+        bar.close()
     keys = [k for k in ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "ssim_streak",
                         "ssim_glare", "images_per_s", "wall_s") if result.get(k) is not None]
     print(f"{out}: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys))
