@@ -54,7 +54,7 @@ from torch import nn
 from cascade import checkpoint as ckpt
 from cascade.base import ensure_base, ensure_test_data, resolve_device
 from cascade.config import TrialConfig
-from cascade.distributed import DataParallel, launch
+from cascade.distributed import DataParallel, check_backend, launch
 from cascade.errors import UserError, cli_errors
 from cascade.io import atomic_path, atomic_write_json
 
@@ -401,6 +401,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     ckdir = (Path(checkpoint_dir).resolve() if checkpoint_dir is not None
              else out / "checkpoints" if out is not None else None)
     cfg.validate()  # a TrialConfig built directly (not via from_dict) is checked here
+    check_backend(cfg.backend)  # e.g. Horovod missing: say so before building a base or test set
     check_backend(cfg.backend)  # e.g. Horovod missing: say so before building a base or test set
     if out is not None:
         atomic_write_json(out / "config.json", cfg.to_dict())
