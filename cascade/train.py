@@ -402,7 +402,6 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
              else out / "checkpoints" if out is not None else None)
     cfg.validate()  # a TrialConfig built directly (not via from_dict) is checked here
     check_backend(cfg.backend)  # e.g. Horovod missing: say so before building a base or test set
-    check_backend(cfg.backend)  # e.g. Horovod missing: say so before building a base or test set
     if out is not None:
         atomic_write_json(out / "config.json", cfg.to_dict())
     base_path = ensure_base(cfg)
