@@ -3,7 +3,6 @@ Flare7K light-source re-blend."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,7 @@ from cascade.uformer import Uformer, save_checkpoint
 TINY = dict(img_size=64, embed_dim=8, depths=(1,) * 9, win_size=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded; on a busy machine extra threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_uformer(seed: int = 0, **changes: object) -> Uformer:
