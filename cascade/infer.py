@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cascade.data.images import read_rgb, to_tensor, to_uint8, write_png
 from cascade.errors import UserError, cli_errors
-from cascade.io import atomic_write_json
+from cascade.io import IMAGE_SUFFIXES, atomic_write_json, image_files
 from cascade.model import (
     DEFAULT_LIGHT_THRESHOLD,
     DEFAULT_TILE,
@@ -29,8 +29,6 @@ from cascade.model import (
     remove_flare,
 )
 from cascade.uformer import load_checkpoint
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +86,7 @@ def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, sorted by name; UserError if there are none."""
     if not folder.is_dir():
         raise UserError(f"{folder}: no such input folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     stems = [p.stem for p in files]

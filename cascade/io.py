@@ -64,6 +64,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
 
 
+# Image files every reader of a folder accepts (infer, evaluate, test sets, Flare7K, reports).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside `folder` (suffix in IMAGE_SUFFIXES, any case; hidden files
+    skipped), sorted by name. The folder must exist; callers check and word their own errors."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     with open(path, encoding="utf-8") as fh:

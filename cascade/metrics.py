@@ -51,6 +51,7 @@ import numpy as np
 from skimage.metrics import structural_similarity
 
 from cascade.errors import UserError
+from cascade.io import IMAGE_SUFFIXES, image_files
 from cascade.masks import region_weights
 
 if TYPE_CHECKING:  # pandas is imported lazily: pool workers never need it
@@ -275,7 +276,6 @@ def summary_keys(protocol: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 # Many images: per-image DataFrames, in parallel, and their summary.
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 COLUMNS = ["image", "region", "metric", "value"]
 
 # One evaluation job: (stem, pred, gt, mask, protocol, ssim_window); pred/gt/mask are uint8
@@ -402,13 +402,10 @@ def list_images(folder: PathLike) -> dict[str, Path]:
     if not path.is_dir():
         raise UserError(f"{path}: no such folder")
     files: dict[str, Path] = {}
-    for f in sorted(path.iterdir()):
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-            if f.stem in files:
-                raise UserError(
-                    f"{path}: two images named {f.stem!r} ({files[f.stem].name}, {f.name})"
-                )
-            files[f.stem] = f
+    for f in image_files(path):
+        if f.stem in files:
+            raise UserError(f"{path}: two images named {f.stem!r} ({files[f.stem].name}, {f.name})")
+        files[f.stem] = f
     if not files:
         raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return files

@@ -21,13 +21,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from cascade.io import atomic_path
+from cascade.io import IMAGE_SUFFIXES, atomic_path
 from cascade.masks import region_weights
 from reports.collect import METRICS, SweepResults, demo_reasons
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 K_COLOURS = {1: "#1f77b4", 2: "#d62728"}
 K_MARKERS = {1: "o", 2: "s"}
 # λ offset per k so the shared λ=0 point and overlapping error bars of both k stay visible.

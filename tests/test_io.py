@@ -30,3 +30,12 @@ def test_results_are_not_owner_only(tmp_path):
 
     atomic_write_text(tmp_path / "a.txt", "x")
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~io._UMASK
+
+
+def test_image_files_one_rule_for_every_reader(tmp_path):
+    from cascade.io import image_files
+
+    for name in ("b.PNG", "a.webp", "c.jpg", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "dir.png").mkdir()
+    assert [p.name for p in image_files(tmp_path)] == ["a.webp", "b.PNG", "c.jpg"]

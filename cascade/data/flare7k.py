@@ -46,15 +46,10 @@ from PIL import Image
 
 from cascade.data.images import read_rgb
 from cascade.data.synthetic import sample_seed
-from cascade.data.testset import IMAGE_SUFFIXES
 from cascade.errors import UserError
+from cascade.io import image_files
 
 _REF_CROP, _REF_FLARE = 512.0, 1440.0  # Flare7K: 512 px crops of ~1440 px flare images
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 @dataclass(frozen=True)
@@ -82,12 +77,12 @@ def find_flare_sets(root: str | os.PathLike) -> tuple[list[FlareSet], list[Path]
         compound = base / "Compound_Flare"
         if not compound.is_dir():
             continue
-        flares = _images(compound)
+        flares = image_files(compound)
         if not flares:
             raise UserError(f"{compound}: no flare images")
         lights = None
         if (base / "Light_Source").is_dir():
-            by_stem = {p.stem: p for p in _images(base / "Light_Source")}
+            by_stem = {p.stem: p for p in image_files(base / "Light_Source")}
             missing = [p for p in flares if p.stem not in by_stem]
             if missing or len(by_stem) != len(flares):
                 what = missing[0] if missing else base / "Light_Source"
@@ -101,7 +96,7 @@ def find_flare_sets(root: str | os.PathLike) -> tuple[list[FlareSet], list[Path]
     if len({s.lights is None for s in sets}) > 1:
         raise UserError(f"{root}: some flare sets have Light_Source folders and some do not")
     reflective_dir = flare7k / "Reflective_Flare"
-    reflective = _images(reflective_dir) if reflective_dir.is_dir() else []
+    reflective = image_files(reflective_dir) if reflective_dir.is_dir() else []
     return sets, reflective
 
 
@@ -142,7 +137,7 @@ class Flare7KPairs:
         bg_dir = Path(backgrounds)
         if not bg_dir.is_dir():
             raise UserError(f"{bg_dir}: backgrounds folder does not exist")
-        self.backgrounds = _images(bg_dir)
+        self.backgrounds = image_files(bg_dir)
         if not self.backgrounds:
             raise UserError(f"{bg_dir}: no background images")
         self.crop, self.seed, self.synth_size = int(crop), int(seed), int(synth_size)

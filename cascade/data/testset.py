@@ -24,8 +24,8 @@ import numpy as np
 
 from cascade.data.images import read_rgb
 from cascade.errors import UserError
+from cascade.io import IMAGE_SUFFIXES, image_files
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FOLDERS = ("input", "gt", "mask")
 MASK_TOLERANCE = 8  # 8-bit levels of slack on the convex-hull test (lossy masks)
 
@@ -54,9 +54,7 @@ def list_images(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise UserError(f"{folder}: missing folder")
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
-            continue
+    for path in image_files(folder):
         key = pair_key(path, folder.name)
         if key in found:
             raise UserError(f"{path}: same stem as {found[key].name}; pairing would be ambiguous")
