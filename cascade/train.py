@@ -46,7 +46,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -57,6 +57,9 @@ from cascade.config import TrialConfig
 from cascade.distributed import DataParallel, check_backend, launch
 from cascade.errors import UserError, cli_errors
 from cascade.io import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:  # imported lazily at run time (keeps `import cascade.train` light)
+    from cascade.data.testset import PairedTestSet
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +352,7 @@ def _hms(seconds: float) -> str:
 # -- evaluation ---------------------------------------------------------------------------------------
 
 
-def predict(model: nn.Module, test_dir: str | os.PathLike, device: torch.device
+def predict(model: nn.Module, testset: PairedTestSet, device: torch.device
             ) -> Iterator[tuple[str, Any, Any, Any]]:
     """(stem, pred, gt, mask) per test image; pred = the model's deflared image, (H, W, 3) uint8.
 
@@ -357,10 +360,8 @@ def predict(model: nn.Module, test_dir: str | os.PathLike, device: torch.device
     mode, fp32, whole images (tiled above 512 px) through `cascade.model.remove_flare`.
     """
     from cascade.data.images import to_tensor, to_uint8
-    from cascade.data.testset import PairedTestSet
     from cascade.model import remove_flare
 
-    testset = PairedTestSet(test_dir)
     model.eval()
     for i in range(len(testset)):
         item = testset[i]
@@ -368,12 +369,12 @@ def predict(model: nn.Module, test_dir: str | os.PathLike, device: torch.device
         yield item.stem, to_uint8(out[0, :3].float()), item.gt, item.mask
 
 
-def evaluate_model(model: nn.Module, test_dir: str | os.PathLike, cfg: TrialConfig,
+def evaluate_model(model: nn.Module, testset: PairedTestSet, cfg: TrialConfig,
                    device: torch.device) -> tuple[Any, list[tuple[str, Any]]]:
     """Per-image metrics DataFrame (cascade.metrics) and the first n_samples (stem, pred)."""
     from cascade.metrics import evaluate_arrays
 
-    items = list(predict(model, test_dir, device))
+    items = list(predict(model, testset, device))
     per_image = evaluate_arrays(items, protocol=cfg.protocol, ssim_window=cfg.ssim_window,
                                 workers=cfg.eval_workers)
     return per_image, [(stem, pred) for stem, pred, _, _ in items[: cfg.n_samples]]
@@ -408,7 +409,8 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     test_dir = ensure_test_data(cfg)
     from cascade.data.testset import PairedTestSet
 
-    PairedTestSet(test_dir)  # validate the test set before spending time on training
+    # Validated (every image decoded) once, before spending time on training; evaluation reuses it.
+    testset = PairedTestSet(test_dir)
 
     stats: dict[str, Any] = {"steps": 0, "train_s": 0.0, "images_per_s": None, "step_s": None,
                              "final_terms": {}, "weights_source": None}
@@ -423,7 +425,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     model = model.to(device)
 
     t_eval = time.perf_counter()
-    per_image, samples = evaluate_model(model, test_dir, cfg, device)
+    per_image, samples = evaluate_model(model, testset, cfg, device)
     eval_s = time.perf_counter() - t_eval
     cascade_run = cfg.kind == "cascade"
     result = {
