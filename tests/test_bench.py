@@ -18,6 +18,12 @@ TINY = {
     # cascade vs plain step
     "bench_step.py": (["--size", "32", "--embed-dim", "8", "--depth", "1", "--encoders", "none",
                        "--repeats", "1"], r"(?m)^none\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+"),
+    # serial vs Ray Tune over the same 3 trials (the script exits non-zero if a trial is left)
+    "bench_sweep.py": (["--grid", "k=1", "--grid", "lambda_=1.0,0.0", "--set", "base_steps=2",
+                        "--set", "steps=2", "--set", "n_test=2", "--set", "test_size=32",
+                        "--set", "crop=32", "--set", "checkpoint_every=1", "--set", "base_cache={tmp}"],
+                       r"(?m)^ray \d+ at once\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+"
+                       r"\s+[\d.]+\s+[\d.e+-]+\s+[\d.]+x$"),
 }
 
 
@@ -27,8 +33,9 @@ def test_every_bench_script_has_a_tiny_configuration():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(TINY))
-def test_bench_runs_tiny(script):
+def test_bench_runs_tiny(script, tmp_path):
     args, result_line = TINY[script]
+    args = [a.format(tmp=tmp_path) for a in args]
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
