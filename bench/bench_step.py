@@ -3,6 +3,7 @@
     python bench/bench_step.py [--size 128] [--batch 2] [--embed-dim 32] [--depth 2]
         [--encoders none small_cpu vit_l16_swag] [--repeats 3] [--threads 1]
         [--device cpu|cuda] [--precision fp32|bf16] [--compile] [--channels-last] [--no-profile]
+        [--no-flops] [--peak-tflops T]
 
 Both steps see the same `(batch, 3, size, size)` images in [0, 1] and a
 `Uformer(img_size=size, embed_dim, depths=(depth,)*9)` in train mode (stochastic depth on), SGD
@@ -23,7 +24,12 @@ process CPU time (less inflated by other processes than wall time) and their rat
 with images/s. Then one cascade step runs under torch.profiler with a label per phase (negative
 fwd, anchor fwd, encoder fwd on positive+negative without grad and on the anchor with grad, the
 rest of the loss, backward, optimizer) and the table of where its time goes is printed, with the
-top operators by self CPU time. The floor of the ratio is 1 + F/(F+B) ~ 1.33 (one extra no-grad
+top operators by self CPU time. Each kind's FLOPs per step are counted once in an extra eager
+step (`torch.utils.flop_counter`, forward + backward, 2 per multiply-add; `--no-flops` skips it)
+and turned into achieved TFLOP/s and model FLOPs utilisation (MFU: achieved / the device's dense
+peak at `--precision`, from a datasheet table for known GPUs or `--peak-tflops`); on CUDA the peak
+memory of one step of each kind is printed, with MiB per image above what stays resident (weights,
+gradients, optimizer state). The floor of the ratio is 1 + F/(F+B) ~ 1.33 (one extra no-grad
 forward) plus the encoder's passes. Not a timed test: CI runs it with
 `--size 32 --embed-dim 8 --depth 1 --encoders none --repeats 1`.
 """
@@ -42,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
 
 from cascade.encoders import build_encoder
 from cascade.losses import CascadeLoss
@@ -53,6 +60,16 @@ LR, MOMENTUM = 1e-3, 0.9
 PHASES = ("negative fwd (no grad)", "anchor fwd", "loss", "backward", "optimizer")
 ENC_TARGETS = "  encoder fwd pos+neg (no grad)"
 ENC_ANCHOR = "  encoder fwd anchor (grad)"
+# Dense peak TFLOP/s by (GPU name fragment, precision), from the vendors' datasheets, for MFU.
+# "fp32" is the non-tensor-core fp32 rate: torch leaves TF32 matmuls off by default.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "fp32": 66.9}),  # SXM
+    ("H200", {"bf16": 989.4, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp32": 91.6}),
+)
 
 
 class LabelledEncoder(nn.Module):
@@ -132,6 +149,37 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
+def count_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one call of `step` (eager; 2 per multiply-add), forward and backward together."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
+    """The device's dense peak for `precision` (--peak-tflops wins); None when unknown."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peaks in PEAK_TFLOPS:
+        if fragment in name:
+            return peaks[precision]
+    return None
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(peak allocated MiB during one step, MiB resident before it: weights, grads, optimizer)."""
+    _sync(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20, resident / 2**20
+
+
 def profile_phases(step: Callable[[], None], device: torch.device) -> tuple[dict[str, float], str]:
     """Run `step` once under the profiler: ({label: exclusive wall ms}, top-operator table)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -163,6 +211,11 @@ def bench_encoder(name: str, args: argparse.Namespace, device: torch.device,
         net, plain_net = torch.compile(net), torch.compile(plain_net)
     plain = make_plain_step(plain_net, device, bf16)
     casc = make_cascade_step(cascade, net, criterion, device, bf16)
+    flops = {}
+    if args.flops:  # one eager step of each (FlopCounterMode does not see inside compiled code)
+        flops = {"plain": count_flops(lambda: make_plain_step(plain_model, device, bf16)(inp, gt)),
+                 "cascade": count_flops(lambda: make_cascade_step(
+                     cascade, cascade.anchor, criterion, device, bf16)(inp, gt))}
 
     warm = {"plain": timed(lambda: plain(inp, gt), device),
             "cascade": timed(lambda: casc(inp, gt), device)}
@@ -173,14 +226,26 @@ def bench_encoder(name: str, args: argparse.Namespace, device: torch.device,
     med = {f"{k}_{m}": statistics.median(t[i] for t in v)
            for k, v in times.items() for i, m in enumerate(("wall", "cpu"))}
     med["warm_plain_wall"], med["warm_cascade_wall"] = warm["plain"][0], warm["cascade"][0]
+    peak = peak_tflops(device, args.precision, args.peak_tflops)
+    for k, step in (("plain", plain), ("cascade", casc)):
+        if flops:
+            med[f"{k}_gflop"] = flops[k] / 1e9
+            med[f"{k}_tflops"] = flops[k] / med[f"{k}_wall"] / 1e12
+            med[f"{k}_mfu"] = med[f"{k}_tflops"] / peak if peak else float("nan")
+        if device.type == "cuda":
+            top, resident = peak_memory(lambda step=step: step(inp, gt), device)
+            med[f"{k}_peak_mib"], med[f"{k}_mib_per_image"] = top, (top - resident) / args.batch
 
     print(f"\n== encoder={name}  ({'lambda_=1, delta=0' if name == 'none' else 'lambda_=0.5, delta=1e-3'})"
           f"  first steps (warm-up, incl. compile): plain {warm['plain'][0]:.3f} s, "
           f"cascade {warm['cascade'][0]:.3f} s")
-    print(f"{'step':<9}{'wall s':>10}{'CPU s':>10}{'images/s':>11}")
+    print(f"{'step':<9}{'wall s':>10}{'CPU s':>10}{'images/s':>11}{'GFLOP':>10}{'TFLOP/s':>10}"
+          f"{'MFU':>8}{'peak MiB':>10}{'MiB/img':>9}")
     for k in ("plain", "cascade"):
         print(f"{k:<9}{med[k + '_wall']:>10.3f}{med[k + '_cpu']:>10.3f}"
-              f"{args.batch / med[k + '_wall']:>11.2f}")
+              f"{args.batch / med[k + '_wall']:>11.2f}{_fmt(med, k + '_gflop', 10, '.1f')}"
+              f"{_fmt(med, k + '_tflops', 10, '.3f')}{_fmt(med, k + '_mfu', 8, '.1%')}"
+              f"{_fmt(med, k + '_peak_mib', 10, '.0f')}{_fmt(med, k + '_mib_per_image', 9, '.0f')}")
     med["ratio_wall"] = med["cascade_wall"] / med["plain_wall"]
     med["ratio_cpu"] = med["cascade_cpu"] / med["plain_cpu"]
     print(f"{'ratio':<9}{med['ratio_wall']:>10.3f}{med['ratio_cpu']:>10.3f}"
@@ -198,6 +263,11 @@ def bench_encoder(name: str, args: argparse.Namespace, device: torch.device,
         print("\ntop operators by self CPU time (same step):")
         print(table)
     return med
+
+
+def _fmt(values: dict[str, float], key: str, width: int, spec: str) -> str:
+    value = values.get(key)
+    return f"{'-' if value is None or value != value else format(value, spec):>{width}}"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
@@ -220,6 +290,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
                         help="skip the per-phase profile")
     parser.add_argument("--nan-fill", action="store_true",
                         help="keep deterministic mode's NaN fill of new tensors (torch's default)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false",
+                        help="skip counting FLOPs (one extra eager step of each kind)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak TFLOP/s at --precision, for MFU (default: "
+                             "known GPUs from a datasheet table; none on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -251,11 +326,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     load = os.getloadavg()
     print(f"\nsummary (batch {args.batch}, {args.size} px; ratio = cascade / plain step, medians)")
     print(f"{'encoder':<14}{'plain s':>9}{'cascade s':>11}{'ratio wall':>12}{'ratio CPU':>11}"
-          f"{'plain img/s':>13}{'cascade img/s':>15}")
+          f"{'plain img/s':>13}{'cascade img/s':>15}{'plain MFU':>11}{'cascade MFU':>13}"
+          f"{'cascade MiB/img':>17}")
     for r in results:
         print(f"{r['encoder']:<14}{r['plain_wall']:>9.3f}{r['cascade_wall']:>11.3f}"
               f"{r['ratio_wall']:>12.3f}{r['ratio_cpu']:>11.3f}"
-              f"{args.batch / r['plain_wall']:>13.2f}{args.batch / r['cascade_wall']:>15.2f}")
+              f"{args.batch / r['plain_wall']:>13.2f}{args.batch / r['cascade_wall']:>15.2f}"
+              f"{_fmt(r, 'plain_mfu', 11, '.1%')}{_fmt(r, 'cascade_mfu', 13, '.1%')}"
+              f"{_fmt(r, 'cascade_mib_per_image', 17, '.0f')}")
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return results
 
