@@ -83,6 +83,9 @@ class TrialConfig:
     ssim_window: str = "uniform"
     eval_workers: int = 2
     n_samples: int = 4  # test outputs saved as PNG for qualitative figures
+    # Also evaluate the anchor every this many steps while training (0: only at the end) and report
+    # the metrics: what lets an early-stopping scheduler (ASHA) judge a trial before it finishes.
+    eval_every: int = 0
 
     # -- runtime ----------------------------------------------------------------------------------
     device: str = "cpu"
@@ -166,7 +169,7 @@ class TrialConfig:
                     "checkpoint_every", "log_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer >= 1")
-        for key in ("steps", "base_steps", "num_workers", "eval_workers", "n_samples"):
+        for key in ("steps", "base_steps", "num_workers", "eval_workers", "n_samples", "eval_every"):
             if getattr(self, key) < 0:
                 raise bad(key, "an integer >= 0")
         if self.output_ch not in (3, 6):

@@ -68,7 +68,8 @@ REQUIRE_FLAGS = {"data": "--data DIR", "checkpoint": "--checkpoint PATH",
 PATH_FIELDS = ("checkpoint", "data", "backgrounds", "test_data", "base_cache", "encoder_weights")
 # Fields that change how a trial runs but not what it computes; left out of the trial id, so
 # e.g. a different checkpoint interval resumes the same trial instead of starting a new one.
-RUNTIME_ONLY = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache")
+RUNTIME_ONLY = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache",
+                "eval_every")
 ID_KEYS = tuple(sorted(f.name for f in fields(TrialConfig) if f.name not in RUNTIME_ONLY))
 LAMBDA0_K = 1  # the k a lambda_ = 0 trial is run with (any k gives the same loss)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -69,7 +69,8 @@ Report = Callable[[dict[str, Any], "str | None"], None]
 # run is executed or logged, not what it computes (on the CPU; a device change breaks bit-identity
 # but is still the same experiment, e.g. a retry on a node with a different GPU count).
 RESUME_MAY_CHANGE = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache",
-                     "fail_at_step", "n_samples", "workers", "backend", "device", "compile")
+                     "fail_at_step", "n_samples", "workers", "backend", "device", "compile",
+                     "eval_every")
 LOSS_TERMS = ("loss", "reg", "perceptual", "triplet")  # "loss" is LossTerms.total
 _NEVER = 2**62  # "no non-finite step yet" (min-reduced over ranks)
 
@@ -173,8 +174,12 @@ class _DecodeSteps(torch.utils.data.Dataset):
 
 
 def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_path: str,
-                checkpoint_dir: str | None) -> dict[str, Any] | None:
-    """Fine-tune the anchor on this rank's shards; rank 0 returns the anchor's weights and stats."""
+                checkpoint_dir: str | None, test_dir: str | None = None) -> dict[str, Any] | None:
+    """Fine-tune the anchor on this rank's shards; rank 0 returns the anchor's weights and stats.
+
+    With `cfg.eval_every`, rank 0 also evaluates on the test set in `test_dir` every that many
+    steps (not at the last: train() evaluates then) and reports the metrics with that step.
+    """
     from cascade.encoders import build_encoder
     from cascade.losses import CascadeLoss
     from cascade.model import CascadedFlareRemover
@@ -218,7 +223,20 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
         if cfg.compile:
             net = torch.compile(net)
 
-        loop = _Loop(cfg, dp, report, checkpoint_dir, start, history)
+        evaluate = None
+        if cfg.eval_every and dp.is_main and test_dir is not None:
+            from cascade.data.testset import PairedTestSet
+            from cascade.metrics import summarize
+
+            testset = PairedTestSet(test_dir)
+
+            def evaluate() -> dict[str, Any]:
+                """Metrics of the cascade as it stands (the anchor back in train mode after)."""
+                per_image, _ = evaluate_model(model, testset, cfg, device)
+                model.train()
+                return summarize(per_image)
+
+        loop = _Loop(cfg, dp, report, checkpoint_dir, start, history, evaluate)
         bf16 = cfg.precision == "bf16" and device.type == "cuda"
         pairs = build_pairs(cfg)
         for step, (inp, gt, _flare) in enumerate(_batches(pairs, cfg, dp, start), start):
@@ -255,8 +273,11 @@ class _Loop:
     """Bookkeeping of the step loop: device-side loss sums, sync points, checkpoints, reports."""
 
     def __init__(self, cfg: TrialConfig, dp: DataParallel, report: Report | None,
-                 checkpoint_dir: str | None, start: int, history: dict[str, Any]) -> None:
+                 checkpoint_dir: str | None, start: int, history: dict[str, Any],
+                 evaluate: Callable[[], dict[str, Any]] | None = None) -> None:
         self.cfg, self.dp, self.report, self.checkpoint_dir = cfg, dp, report, checkpoint_dir
+        self.evaluate = evaluate  # rank 0 with eval_every: the test-set metrics of the model now
+        self.eval_s = 0.0  # spent in those evaluations; left out of the training time and rate
         self.start = self.last_sync = start
         # Throughput and last loss terms of the runs before a resume (checkpoint "extra").
         self.prior_s = float(history.get("train_s", 0.0))
@@ -289,8 +310,18 @@ class _Loop:
         saved = None
         if ckpt_now and self.dp.is_main:
             saved = self._save(done, model, optimizer, scheduler)
+        evaluated: dict[str, Any] = {}
+        if self.evaluate is not None and done % self.cfg.eval_every == 0 and done < self.cfg.steps:
+            t0 = time.perf_counter()
+            evaluated = self.evaluate()
+            self.eval_s += time.perf_counter() - t0
+            log.info("step %d/%d  PSNR entire %.2f streak %.2f glare %.2f (test set, %.1fs)",
+                     done, self.cfg.steps, evaluated["psnr_entire"], evaluated["psnr_streak"],
+                     evaluated["psnr_glare"], time.perf_counter() - t0)
         if log_now and self.dp.is_main:
-            self._log(done, saved)
+            self._log(done, saved, evaluated)
+        elif evaluated and self.report is not None:
+            self.report({"step": done, "steps": self.cfg.steps, **evaluated}, saved)
 
     def _check_finite(self) -> None:
         first = self.dp.all_reduce(self.first_bad, op="min")
@@ -302,7 +333,7 @@ class _Loop:
         raise NonFiniteLossError(int(first), dict(zip(LOSS_TERMS, terms.tolist())))
 
     def _save(self, done: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> str:
-        history = {"train_s": self.prior_s + time.perf_counter() - self.t0,
+        history = {"train_s": self.prior_s + self._elapsed(),
                    "steps_trained": self.prior_steps + done - self.start,
                    "final_terms": self.last_terms}
         ckpt.save_training_checkpoint(self.checkpoint_dir, step=done, model=model, optimizer=optimizer,
@@ -317,13 +348,17 @@ class _Loop:
         self.last_sync = done
         self.last_terms = dict(zip(LOSS_TERMS, means))
 
-    def _log(self, done: int, checkpoint_dir: str | None) -> None:
+    def _elapsed(self) -> float:
+        """Training seconds of this run so far (mid-training evaluations left out)."""
+        return time.perf_counter() - self.t0 - self.eval_s
+
+    def _log(self, done: int, checkpoint_dir: str | None, evaluated: dict[str, Any]) -> None:
         means = [self.last_terms[k] for k in LOSS_TERMS]
-        elapsed = time.perf_counter() - self.t0
+        elapsed = self._elapsed()
         rate = (done - self.start) * self.cfg.batch_size / max(elapsed, 1e-9)
         eta = (self.cfg.steps - done) * elapsed / max(done - self.start, 1)
         metrics = {"step": done, "steps": self.cfg.steps, **self.last_terms,
-                   "images_per_s": rate, "eta_s": eta}
+                   "images_per_s": rate, "eta_s": eta, **evaluated}
         log.info("step %d/%d  loss %.4g (reg %.4g, perceptual %.4g, triplet %.4g)  %.1f img/s  ETA %s",
                  done, self.cfg.steps, *means, rate, _hms(eta))
         if self.report is not None:
@@ -332,7 +367,7 @@ class _Loop:
     def finish(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         """After the loop (also when it had nothing left to do, e.g. resumed at the last step)."""
         self._check_finite()
-        self.train_s = time.perf_counter() - self.t0
+        self.train_s = self._elapsed()
 
     def stats(self) -> dict[str, Any]:
         """Throughput over every run of this trial (a resumed one included)."""
@@ -416,7 +451,8 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
                              "final_terms": {}, "weights_source": None}
     if cfg.kind == "cascade":
         stats = launch(cfg.backend, cfg.workers, _train_rank,
-                       (cfg, str(base_path), str(ckdir) if ckdir is not None else None),
+                       (cfg, str(base_path), str(ckdir) if ckdir is not None else None,
+                        str(test_dir)),
                        device=device, report=report)
         model: nn.Module = CascadedFlareRemover.from_checkpoint(base_path)
         model.anchor.load_state_dict(stats.pop("anchor"))

@@ -100,6 +100,30 @@ def test_interrupted_and_resumed_run_is_bit_identical(cache, tmp_path):
         assert straight[key] == resumed[key], key
 
 
+def test_eval_every_reports_test_metrics_while_training_without_changing_the_result(cache, tmp_path):
+    # lambda_=0.6 with the encoder; log every 4, evaluate every 2 (steps 2 and 4 of 6; 6 is the end)
+    cfg = tiny(cache, steps=6, log_every=4, checkpoint_every=3, momentum=0.9)
+    plain = T.train(cfg, checkpoint_dir=tmp_path / "a")
+    reports: list[dict] = []
+    evaluated = T.train(cfg.replace(eval_every=2), report=lambda m, c: reports.append(m),
+                        checkpoint_dir=tmp_path / "b")
+
+    during = [r for r in reports[:-1] if "psnr_entire" in r]
+    assert [r["step"] for r in during] == [2, 4]
+    # step 4: one report, log and metrics merged; step 6 (the last): the log, then the result
+    assert [r["step"] for r in reports[:-1]] == [2, 4, 6] and "psnr_entire" not in reports[-2]
+    assert "eta_s" in during[1] and "eta_s" not in during[0]
+    assert all(set(r) >= {"psnr_streak", "ssim_glare", "n_images"} for r in during)
+    assert reports[-1] is evaluated
+    # Evaluating in between (eval mode, no grad) leaves training, and so the result, unchanged.
+    a, b = _state(tmp_path / "a" / "last.pt"), _state(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("psnr_entire", "ssim_entire", "final_loss"):
+        assert plain[key] == evaluated[key], key
+    # The step-2 PSNR is that of the model after 2 steps: not the final one in general, but close.
+    assert abs(during[0]["psnr_entire"] - evaluated["psnr_entire"]) < 3
+
+
 def test_resume_refuses_a_changed_config(cache, tmp_path):
     T.train(tiny(cache, steps=2, lambda_=1.0, delta=0.0), checkpoint_dir=tmp_path)
     with pytest.raises(T.UserError, match="lambda_"):
