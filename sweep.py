@@ -662,7 +662,9 @@ def _progress_callback(ctx: _RunContext):
                 atomic_write_json(tdir / "stopped.json", {
                     "reason": "stopped early by the scheduler", "step": last.get("step"),
                     "metrics": {k: v for k, v in last.items() if k.startswith(("psnr_", "ssim_"))}})
-                print(f"  stopped {tdir.name} at step {last.get('step')} (early stopping)")
+                psnr = last.get("psnr_entire")
+                then = f", PSNR entire {psnr:.2f}" if isinstance(psnr, (int, float)) else ""
+                print(f"  stopped {tdir.name} at step {last.get('step')}{then} (early stopping)")
             self._print()
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -739,7 +741,9 @@ def _status_detail(s) -> str:
     if s.state == "failed":
         return s.error or ""
     if s.state in ("interrupted", "stopped") and s.step is not None:
-        return f"at step {s.step}" + (f"/{s.steps}" if s.steps else "")
+        psnr = (s.metrics or {}).get("psnr_entire")
+        then = f", PSNR entire {psnr:.2f} then" if isinstance(psnr, (int, float)) else ""
+        return f"at step {s.step}" + (f"/{s.steps}" if s.steps else "") + then
     return ""
 
 

@@ -510,7 +510,8 @@ class TrialStatus:
     steps: int | None = None  # steps the trial runs
     elapsed_s: float | None = None  # wall time so far (done: the trial's own wall_s)
     eta_s: float | None = None  # running: remaining time at its current pace
-    metrics: dict[str, Any] | None = None  # metrics.json (state "done")
+    # metrics.json (state "done"); the last reported test metrics (state "stopped", if any)
+    metrics: dict[str, Any] | None = None
 
 
 def trial_status(trial_dir: Path, active_run: str | None, now: float) -> TrialStatus:
@@ -530,7 +531,9 @@ def trial_status(trial_dir: Path, active_run: str | None, now: float) -> TrialSt
         first = text.splitlines()[0] if text else "unknown error (unreadable error.json)"
         return TrialStatus(tid, "failed", error=first, step=_number(error.get("step")), steps=steps)
     if (trial_dir / "stopped.json").exists():
-        return TrialStatus(tid, "stopped", step=step, steps=steps)
+        stopped = _read_json_or_none(trial_dir / "stopped.json") or {}
+        return TrialStatus(tid, "stopped", step=step, steps=steps,
+                           metrics=stopped.get("metrics") if isinstance(stopped, dict) else None)
     if active_run is not None and progress.get("run_id") == active_run:
         elapsed = now - float(progress.get("started", now))
         eta = elapsed * (steps - step) / step if step and steps else None

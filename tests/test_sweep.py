@@ -250,6 +250,52 @@ search:
     assert len([c for c in read_json(sweep_dir / "sweep.json")["cells"] if "sampled" in c]) == 4
 
 
+@pytest.mark.slow
+def test_asha_stops_trials_that_report_a_worse_metric_while_training(ray_session, tmp_path):
+    # One trial at a time, so each reaches ASHA's rung (step 2) after the previous ones. The fake
+    # reports psnr_entire growing with lambda_ at every log step (as train() does with eval_every).
+    # Sampler seeds 0-5 all give 2-4 stopped trials of 6, so this does not hinge on seed 3.
+    text = MINI.split("grid:")[0] + """\
+fixed:
+  k: 2
+  steps: 6
+  log_every: 2
+  checkpoint_every: 2
+reference: false
+seeds: [0]
+resources: {cpu: 1}
+max_concurrent: 1
+search:
+  algorithm: optuna
+  metric: psnr_entire
+  mode: max
+  num_samples: 6
+  seed: 3
+  params:
+    lambda_: {uniform: [0.0, 1.0]}
+  scheduler:
+    asha: {grace_period: 2, reduction_factor: 2}
+"""
+    space = _space(tmp_path, text)
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 0
+    sweep_dir = tmp_path / "results" / "mini"
+    cells = [c for c in read_json(sweep_dir / "sweep.json")["cells"] if "sampled" in c]
+    stopped = [c for c in cells if (sweep_dir / "trials" / c["trial_id"] / "stopped.json").is_file()]
+    done = [c for c in cells if (sweep_dir / "trials" / c["trial_id"] / "metrics.json").is_file()]
+    assert len(cells) == 6 and stopped and done and len(stopped) + len(done) == 6
+    # A trial is stopped only for being worse than one that reached the rung before it.
+    for cell in stopped:
+        earlier = cells[: cells.index(cell)]
+        assert any(c["lambda_"] > cell["lambda_"] for c in earlier)
+        info = read_json(sweep_dir / "trials" / cell["trial_id"] / "stopped.json")
+        assert info["step"] < 6 and "psnr_entire" in info["metrics"]
+    lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results")
+    assert any("stopped" in line and "PSNR entire" in line for line in lines)
+    # Stopped trials are final: running again trains nothing.
+    calls = len(_calls(tmp_path))
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 0 and len(_calls(tmp_path)) == calls
+
+
 # -- command line ------------------------------------------------------------------------------
 
 
