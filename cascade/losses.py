@@ -25,21 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_DELTA = 1e-3
-"""Weight of L_PL; the paper's value."""
+# The default weights are defined (and their choice explained) in cascade.config, which must import
+# without torch; they are re-exported here, beside the loss they parametrise.
+from cascade.config import DEFAULT_DELTA, DEFAULT_MARGIN
 
-DEFAULT_MARGIN = 0.1
-"""Triplet margin alpha, in the units of L_triplet's distances: an MSE over the embedding.
-
-The paper gives no value. The margin must stay below the typical ||f(p) - f(n)||^2 (ground truth
-vs. first-stage output): only then does the triplet term vanish when the anchor reaches the ground
-truth (a = p gives [0 - d(p, n) + margin]_+ = 0). A larger margin keeps pushing the anchor past
-the ground truth, away from the negative. Embeddings of the default encoders end in a LayerNorm or
-a global average pool, so they are O(1) per dimension and the MSE between two versions of one scene
-that differ by a visible flare is expected to be of order 0.1 to 1; 0.1 sits at the low end of that
-range. This is an estimate, not a measurement with the SWAG weights: `margin` is a search-space
-parameter (search_spaces/lambda_optuna.yaml searches it log-uniformly in [0.01, 1]).
-"""
 
 class LossTerms(NamedTuple):
     """One evaluation of the cascade loss; every field is a 0-dim float tensor.

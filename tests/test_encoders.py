@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.models import ViT_L_16_Weights
 from torchvision.models.vision_transformer import VisionTransformer
 
+from cascade.config import ENCODER_NAMES
 from cascade.encoders import (
     ENCODERS,
     IMAGENET_MEAN,
@@ -67,6 +68,7 @@ def test_timm_names_build_frozen_with_fixed_size_embedding(name: str) -> None:
 
 def test_small_cpu_is_resnet18_at_128_px(small_cpu: PerceptualEncoder) -> None:
     assert "small_cpu" in ENCODERS
+    assert ENCODER_NAMES == tuple(ENCODERS)  # what config validates without importing encoders
     assert small_cpu.embed_dim == 512 and small_cpu.image_size == 128
     assert small_cpu.weights_source == "random"
     assert_frozen(small_cpu)

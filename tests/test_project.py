@@ -54,3 +54,15 @@ def test_only_sweep_imports_ray():
         "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_status_and_table1_run_without_importing_torch(tmp_path):
+    """`make status` / `make table1` read JSON and CSV: importing torch would cost seconds each."""
+    code = (
+        "import sys\nfrom pathlib import Path\nimport sweep\n"
+        f"lines = sweep.status(Path('search_spaces/demo.yaml'), Path({str(tmp_path)!r}))\n"
+        "assert 'nothing run yet' in lines[0], lines\n"
+        "import reports.collect, reports.figures, reports.stats, reports.table1\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
