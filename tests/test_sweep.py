@@ -94,6 +94,31 @@ max_failures: 0
 """
 
 
+# An Optuna search over lambda_ and margin, early-stopped by ASHA, on the fake trainer.
+SEARCH = MINI.split("grid:")[0] + """\
+fixed:
+  k: 2
+  steps: 6
+  log_every: 2
+  checkpoint_every: 2
+reference: true
+seeds: [0]
+resources: {cpu: 1}
+max_concurrent: 2
+search:
+  algorithm: optuna
+  metric: psnr_entire
+  mode: max
+  num_samples: 3
+  seed: 1
+  params:
+    lambda_: {uniform: [0.0, 1.0]}
+    margin: {loguniform: [0.01, 1.0]}
+  scheduler:
+    asha: {grace_period: 2, reduction_factor: 2}
+"""
+
+
 def _space(tmp_path: Path, text: str = MINI, name: str = "space.yaml"):
     path = tmp_path / name
     path.write_text(text)
@@ -209,28 +234,7 @@ def test_interrupted_trial_continues_from_its_checkpoint(ray_session, tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_records_its_trials_and_resumes(ray_session, tmp_path):
-    text = MINI.split("grid:")[0] + """\
-fixed:
-  k: 2
-  steps: 6
-  log_every: 2
-  checkpoint_every: 2
-reference: true
-seeds: [0]
-resources: {cpu: 1}
-max_concurrent: 2
-search:
-  algorithm: optuna
-  metric: psnr_entire
-  mode: max
-  num_samples: 3
-  seed: 1
-  params:
-    lambda_: {uniform: [0.0, 1.0]}
-    margin: {loguniform: [0.01, 1.0]}
-  scheduler:
-    asha: {grace_period: 2, reduction_factor: 2}
-"""
+    text = SEARCH
     space = _space(tmp_path, text)
     left = sweep.run_sweep(space, _opts(tmp_path)).left
     sweep_dir = tmp_path / "results" / "mini"
@@ -255,27 +259,9 @@ def test_asha_stops_trials_that_report_a_worse_metric_while_training(ray_session
     # One trial at a time, so each reaches ASHA's rung (step 2) after the previous ones. The fake
     # reports psnr_entire growing with lambda_ at every log step (as train() does with eval_every).
     # Sampler seeds 0-5 all give 2-4 stopped trials of 6, so this does not hinge on seed 3.
-    text = MINI.split("grid:")[0] + """\
-fixed:
-  k: 2
-  steps: 6
-  log_every: 2
-  checkpoint_every: 2
-reference: false
-seeds: [0]
-resources: {cpu: 1}
-max_concurrent: 1
-search:
-  algorithm: optuna
-  metric: psnr_entire
-  mode: max
-  num_samples: 6
-  seed: 3
-  params:
-    lambda_: {uniform: [0.0, 1.0]}
-  scheduler:
-    asha: {grace_period: 2, reduction_factor: 2}
-"""
+    text = (SEARCH.replace("reference: true", "reference: false")
+            .replace("max_concurrent: 2", "max_concurrent: 1").replace("num_samples: 3", "num_samples: 6")
+            .replace("seed: 1", "seed: 3").replace("    margin: {loguniform: [0.01, 1.0]}\n", ""))
     space = _space(tmp_path, text)
     assert sweep.run_sweep(space, _opts(tmp_path)).left == 0
     sweep_dir = tmp_path / "results" / "mini"
