@@ -89,6 +89,15 @@ def _axis(axes: np.ndarray, metric: str) -> tuple[int, int]:
     return (0 if kind == "psnr" else 1), ("entire", "streak", "glare").index(region)
 
 
+def _finish_axis(ax, metric: str, ylabel: str, lambdas: np.ndarray) -> None:
+    """Title (the metric's region), y label, grid and λ axis of one panel."""
+    region = metric.split("_")[1]
+    ax.set_title(f"{region} region" if region != "entire" else "entire image", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    _lambda_ticks(ax, lambdas)
+
+
 def _lambda_ticks(ax, lambdas: np.ndarray) -> None:
     ticks = np.unique(np.round(lambdas, 6))
     ax.set_xticks(ticks)
@@ -125,11 +134,8 @@ def metric_vs_lambda(table: pd.DataFrame, *, banner: str | None = None) -> Figur
             ax.axhline(value, color="0.3", ls="--", lw=1.1, label="Uformer (reference)")
             if np.isfinite(std):
                 ax.axhspan(value - std, value + std, color="0.5", alpha=0.12, lw=0)
-        kind, region = m.split("_")
-        ax.set_title(f"{region} region" if region != "entire" else "entire image", fontsize=10)
-        ax.set_ylabel("PSNR (dB)" if kind == "psnr" else "SSIM")
-        ax.grid(alpha=0.3)
-        _lambda_ticks(ax, ours["lambda_"].to_numpy(float))
+        _finish_axis(ax, m, "PSNR (dB)" if m.startswith("psnr") else "SSIM",
+                     ours["lambda_"].to_numpy(float))
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if any_gap:
         handles.append(Line2D([], [], ls="", marker="x", color="0.2", mew=1.5))
@@ -162,11 +168,8 @@ def delta_vs_lambda(delta: pd.DataFrame, *, banner: str | None = None) -> Figure
             ax.plot(x[sig], y[sig], marker, color=colour, ms=5.5, ls="")
             ax.plot(x[~sig], y[~sig], marker, mfc="white", mec=colour, ms=5.5, ls="")
         ax.axhline(0.0, color="0.3", ls="--", lw=1.1, label="Uformer (reference)")
-        kind, region = m.split("_")
-        ax.set_title(f"{region} region" if region != "entire" else "entire image", fontsize=10)
-        ax.set_ylabel("ΔPSNR (dB)" if kind == "psnr" else "ΔSSIM (×10$^{-3}$)")
-        ax.grid(alpha=0.3)
-        _lambda_ticks(ax, rows_m["lambda_"].to_numpy(float))
+        _finish_axis(ax, m, "ΔPSNR (dB)" if m.startswith("psnr") else "ΔSSIM (×10$^{-3}$)",
+                     rows_m["lambda_"].to_numpy(float))
     handles, labels = axes[0, 0].get_legend_handles_labels()
     handles += [Line2D([], [], ls="", marker="o", color="0.2"),
                 Line2D([], [], ls="", marker="o", mfc="white", mec="0.2")]
