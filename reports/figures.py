@@ -99,7 +99,10 @@ def _finish_axis(ax, metric: str, ylabel: str, lambdas: np.ndarray) -> None:
 
 
 def _lambda_ticks(ax, lambdas: np.ndarray) -> None:
-    ticks = np.unique(np.round(lambdas, 6))
+    """A tick at each grid λ; for sampled λ (a search), whose ticks would overlap, 0, 0.2, ..., 1."""
+    ticks = np.unique(np.round(lambdas[np.isfinite(lambdas)], 6))
+    if len(ticks) > 11 or not np.allclose(ticks * 20, np.round(ticks * 20), atol=1e-6):
+        ticks = np.linspace(0.0, 1.0, 6)
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t:g}" for t in ticks])
     ax.set_xlabel("λ (weight of $L_\\mathrm{REG}$)")
@@ -139,7 +142,9 @@ def metric_vs_lambda(table: pd.DataFrame, *, banner: str | None = None) -> Figur
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if any_gap:
         handles.append(Line2D([], [], ls="", marker="x", color="0.2", mew=1.5))
-        labels.append("no result (failed or not run)")
+        stopped = "stopped" in set(ours["status"])
+        labels.append("no result (failed, stopped early or not run)" if stopped
+                      else "no result (failed or not run)")
     note = ("error bars: ±1 std over seeds; shaded: reference ±1 std" if any_band
             else "one seed per cell (no error bars)")
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels) + 1, frameon=False,

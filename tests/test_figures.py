@@ -61,6 +61,21 @@ def test_metric_vs_lambda_marks_a_failed_cell(built):
     assert "no result (failed or not run)" in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
+def test_sampled_lambdas_get_regular_ticks_and_stopped_cells_are_named(built):
+    # An Optuna search: λ values anywhere in [0, 1], some trials stopped early by ASHA.
+    _, table, _ = built
+    table = table.copy()
+    ours = table["method"] == "cascade"
+    table.loc[ours, "lambda_"] = np.linspace(0.013, 0.987, int(ours.sum()))
+    first = table.index[ours][0]
+    table.loc[first, ["psnr_entire", "psnr_entire_std"]] = np.nan
+    table.loc[first, "status"] = "stopped"
+    fig = metric_vs_lambda(table)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "0.2", "0.4", "0.6", "0.8", "1"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "no result (failed, stopped early or not run)" in labels
+
+
 def test_delta_markers_filled_only_where_ci_excludes_zero(built):
     _, _, delta = built
     fig = delta_vs_lambda(delta)
