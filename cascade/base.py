@@ -181,7 +181,7 @@ def train_base(cfg: TrialConfig, folder: Path) -> Path:
     for step in range(start, cfg.base_steps):
         idx = range(step * cfg.batch_size, (step + 1) * cfg.batch_size)
         inp, gt, flare = pairs.batch(idx, device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=_bf16(cfg, device)):
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(cfg, device)):
             loss = base_loss(model(inp).float(), gt, flare)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -207,7 +207,8 @@ def train_base(cfg: TrialConfig, folder: Path) -> Path:
     return folder / "base.pth"
 
 
-def _bf16(cfg: TrialConfig, device: torch.device) -> bool:
+def use_bf16(cfg: TrialConfig, device: torch.device) -> bool:
+    """Whether the networks run under bf16 autocast: `precision: bf16`, on CUDA only."""
     return cfg.precision == "bf16" and device.type == "cuda"
 
 

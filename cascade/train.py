@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from cascade import checkpoint as ckpt
-from cascade.base import ensure_base, ensure_test_data, resolve_device
+from cascade.base import ensure_base, ensure_test_data, resolve_device, use_bf16
 from cascade.config import TrialConfig
 from cascade.distributed import DataParallel, check_backend, launch
 from cascade.errors import UserError, cli_errors
@@ -174,11 +174,13 @@ class _DecodeSteps(torch.utils.data.Dataset):
 
 
 def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_path: str,
-                checkpoint_dir: str | None, test_dir: str | None = None) -> dict[str, Any] | None:
+                checkpoint_dir: str | None, testset: PairedTestSet | None = None
+                ) -> dict[str, Any] | None:
     """Fine-tune the anchor on this rank's shards; rank 0 returns the anchor's weights and stats.
 
-    With `cfg.eval_every`, rank 0 also evaluates on the test set in `test_dir` every that many
-    steps (not at the last: train() evaluates then) and reports the metrics with that step.
+    With `cfg.eval_every`, rank 0 also evaluates on `testset` (train()'s, already validated; it
+    holds paths only, so it pickles to spawned ranks) every that many steps (not at the last:
+    train() evaluates then) and reports the metrics with that step.
     """
     from cascade.encoders import build_encoder
     from cascade.losses import CascadeLoss
@@ -224,11 +226,8 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
             net = torch.compile(net)
 
         evaluate = None
-        if cfg.eval_every and dp.is_main and test_dir is not None:
-            from cascade.data.testset import PairedTestSet
+        if cfg.eval_every and dp.is_main and testset is not None:
             from cascade.metrics import summarize
-
-            testset = PairedTestSet(test_dir)
 
             def evaluate() -> dict[str, Any]:
                 """Metrics of the cascade as it stands (the anchor back in train mode after)."""
@@ -237,7 +236,7 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
                 return summarize(per_image)
 
         loop = _Loop(cfg, dp, report, checkpoint_dir, start, history, evaluate)
-        bf16 = cfg.precision == "bf16" and device.type == "cuda"
+        bf16 = use_bf16(cfg, device)
         pairs = build_pairs(cfg)
         for step, (inp, gt, _flare) in enumerate(_batches(pairs, cfg, dp, start), start):
             torch.manual_seed(step_seed(cfg.seed, step, dp.rank))
@@ -258,7 +257,7 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
             loop.after_step(step + 1, torch.stack([total.detach(), terms.reg.detach(),
                                                    terms.perceptual.detach(), terms.triplet.detach()]),
                             anchor, optimizer, scheduler)
-        loop.finish(anchor, optimizer, scheduler)
+        loop.finish()
         if not dp.is_main:
             return None
         return {"anchor": {k: v.detach().cpu() for k, v in anchor.state_dict().items()},
@@ -364,9 +363,11 @@ class _Loop:
         if self.report is not None:
             self.report(metrics, checkpoint_dir)
 
-    def finish(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        """After the loop (also when it had nothing left to do, e.g. resumed at the last step)."""
-        self._check_finite()
+    def finish(self) -> None:
+        """After the loop (also when it had nothing left to do, e.g. resumed at the last step).
+
+        No finiteness check here: the last step (done == steps) always logs, which checks.
+        """
         self.train_s = self._elapsed()
 
     def stats(self) -> dict[str, Any]:
@@ -451,8 +452,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
                              "final_terms": {}, "weights_source": None}
     if cfg.kind == "cascade":
         stats = launch(cfg.backend, cfg.workers, _train_rank,
-                       (cfg, str(base_path), str(ckdir) if ckdir is not None else None,
-                        str(test_dir)),
+                       (cfg, str(base_path), str(ckdir) if ckdir is not None else None, testset),
                        device=device, report=report)
         model: nn.Module = CascadedFlareRemover.from_checkpoint(base_path)
         model.anchor.load_state_dict(stats.pop("anchor"))
