@@ -36,6 +36,7 @@ from cascade.space import (
     SweepLock,
     SweepSpace,
     cell_for,
+    distinct_trials,
     format_duration,
     load_space,
     progress_line,
@@ -87,6 +88,8 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
     _check_inputs(space, opts, sweep_dir)  # before anything is written: bad input leaves no trace
     with SweepLock(sweep_dir, run_id):
         plan = _plan(space, sweep_dir)
+        # Written once here (dropping samples of a changed search); only new samples change it later.
+        _write_plan(space, sweep_dir, plan)
         statuses = {t.trial_id: trial_status(sweep_dir / "trials" / t.trial_id, None, time.time())
                     for t in plan.trials()}
         todo = [c for c in plan.trials() if _should_run(statuses[c.trial_id].state, opts)]
@@ -147,7 +150,7 @@ def _check_inputs(space: SweepSpace, opts: RunOptions, sweep_dir: Path) -> None:
 
     configs = [c.config for c in space.cells]
     if space.search is not None:
-        configs.append(space.search_config({p.name: p.args[0] for p in space.search.params}))
+        configs.append(space.search_probe())
     for path in dict.fromkeys(c.test_data for c in configs if c.test_data):
         PairedTestSet(path)
     for path in dict.fromkeys(c.checkpoint for c in configs if c.checkpoint):
@@ -191,14 +194,11 @@ class _Plan:
     sampled: tuple[tuple[Cell, dict[str, Any]], ...]  # (cell, its sampled values)
 
     def trials(self) -> list[Cell]:
-        seen: dict[str, Cell] = {}
-        for cell in [*self.grid, *(c for c, _ in self.sampled)]:
-            seen.setdefault(cell.trial_id, cell)
-        return list(seen.values())
+        return distinct_trials([*self.grid, *(c for c, _ in self.sampled)])
 
 
 def _plan(space: SweepSpace, sweep_dir: Path) -> _Plan:
-    """Write sweep.json: the space's cells, then search trials sampled by earlier runs."""
+    """The plan: the space's cells, then the search trials sweep.json records for this space."""
     sampled: dict[str, tuple[Cell, dict[str, Any]]] = {}
     old = sweep_dir / "sweep.json"
     if space.search is not None and old.is_file():
@@ -209,12 +209,11 @@ def _plan(space: SweepSpace, sweep_dir: Path) -> _Plan:
                 # Re-derived from this space's fixed fields: a changed space starts a new search.
                 cell = cell_for(space.search_config(values))
                 sampled.setdefault(cell.trial_id, (cell, values))
-    plan = _Plan(grid=space.cells, sampled=tuple(sampled.values()))
-    _write_plan(space, sweep_dir, plan)
-    return plan
+    return _Plan(grid=space.cells, sampled=tuple(sampled.values()))
 
 
 def _write_plan(space: SweepSpace, sweep_dir: Path, plan: _Plan) -> None:
+    """sweep.json: what `status`, `table1` and a resumed search read back."""
     cells = [c.to_json() for c in plan.grid]
     cells += [{**c.to_json(), "sampled": values} for c, values in plan.sampled]
     atomic_write_json(sweep_dir / "sweep.json", {
@@ -264,7 +263,7 @@ def _prepare(space: SweepSpace, cells: list[Cell], prepare: str) -> None:
     functions = [_importable(spec.strip()) for spec in prepare.split(",") if spec.strip()]
     configs = [c.config for c in cells]
     if space.search is not None:
-        configs.append(space.search_config({p.name: p.args[0] for p in space.search.params}))
+        configs.append(space.search_probe())
     # cascade.base logs its training progress at INFO; show it, the first build takes minutes.
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"{space.name}: %(message)s"))
@@ -435,7 +434,7 @@ def _run_tuner(ctx: _RunContext, cells: list[Cell] | None) -> int:
     space = ctx.space
     metric = space.search.metric if cells is None else None
     trainable = tune.with_parameters(
-        _trainable, fixed=space.fixed, seed=space.seeds[0], sweep_dir=str(ctx.sweep_dir),
+        _trainable, space=space, sweep_dir=str(ctx.sweep_dir),
         run_id=ctx.run_id, train_fn=ctx.train_fn, metric=metric)
     trainable = tune.with_resources(trainable, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
     progress = _progress_callback(ctx)
@@ -514,7 +513,7 @@ def _search_setup(ctx: _RunContext) -> tuple[dict[str, Any], dict[str, Any]]:
     if search.asha is not None:
         # Rungs lie strictly below max_t = steps and reaching max_t stops nothing: the last report
         # of a trial that trained to the end must not kill it before it writes metrics.json.
-        steps = space.search_config({p.name: p.args[0] for p in search.params}).steps
+        steps = space.search_probe().steps
         asha = {"max_t": max(steps, 2), **search.asha}
         config["scheduler"] = ASHAScheduler(time_attr="step", stop_last_trials=False, **asha)
     return param_space, config
@@ -534,19 +533,18 @@ def _importable(spec: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), attr)
 
 
-def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], seed: int, sweep_dir: str,
-               run_id: str, train_fn: str, metric: str | None) -> None:
+def _trainable(config: dict[str, Any], *, space: SweepSpace, sweep_dir: str, run_id: str,
+               train_fn: str, metric: str | None) -> None:
     """One Tune trial: `train()` in results/<sweep>/trials/<id>/, resuming from its checkpoints.
 
     `config` is {"cell": full TrialConfig dict} (grid) or the sampled fields (search), which are
-    laid over `fixed` and `seed`. Runs in a Ray worker process of its own. With a search `metric`,
+    laid over the space's fixed fields and first seed (`_cell_of`). Runs in a Ray worker process of its own. With a search `metric`,
     only reports that carry it reach Tune (OptunaSearch and ASHA need it in every result), so ASHA
     can stop a trial early only if train() reports that metric while training.
     """
     from ray import tune
 
-    values = config["cell"] if "cell" in config else {**fixed, "seed": seed, **config}
-    cell = cell_for(TrialConfig.from_dict(values))
+    cell = _cell_of(config, space)
     cfg, tdir = cell.config, Path(sweep_dir) / "trials" / cell.trial_id
     tdir.mkdir(parents=True, exist_ok=True)
     if (tdir / "metrics.json").is_file():  # e.g. a search proposing a point that already ran
@@ -718,7 +716,8 @@ def status(space_path: Path, results: Path) -> list[str]:
     if not plan_path.is_file():
         return [f"{name}: nothing run yet in {sweep_dir}; `make sweep SPACE={space_path.stem}` starts it"]
     cells = read_json(plan_path)["cells"]
-    by_id = {s.trial_id: s for s in sweep_statuses(sweep_dir, _plan_trials(sweep_dir), time.time())}
+    ids = list(dict.fromkeys(c["trial_id"] for c in cells))
+    by_id = {s.trial_id: s for s in sweep_statuses(sweep_dir, ids, time.time())}
     lines = []
     for cell in cells:
         s = by_id[cell["trial_id"]]

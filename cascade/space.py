@@ -40,6 +40,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -139,15 +140,27 @@ class SweepSpace:
 
     def trials(self) -> list[Cell]:
         """One cell per distinct trial id, in plan order."""
-        seen: dict[str, Cell] = {}
-        for cell in self.cells:
-            seen.setdefault(cell.trial_id, cell)
-        return list(seen.values())
+        return distinct_trials(self.cells)
 
     def search_config(self, sampled: dict[str, Any]) -> TrialConfig:
         """The TrialConfig of a search trial: fixed fields, the first seed, the sampled values."""
         return TrialConfig.from_dict({**self.fixed, "seed": self.seeds[0], **sampled},
                                      where=f"{self.path}: sampled trial")
+
+    def search_probe(self) -> TrialConfig | None:
+        """A search trial's config at each parameter's first bound (None without a search): what
+        the driver validates and prepares for, since every sample shares its other fields."""
+        if self.search is None:
+            return None
+        return self.search_config({p.name: p.args[0] for p in self.search.params})
+
+
+def distinct_trials(cells: Iterable[Cell]) -> list[Cell]:
+    """One cell per distinct trial id, in order (the two lambda_ = 0 cells share one trial)."""
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        seen.setdefault(cell.trial_id, cell)
+    return list(seen.values())
 
 
 def trial_id(cfg: TrialConfig) -> str:

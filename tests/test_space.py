@@ -126,6 +126,9 @@ def test_search_space(tmp_path):
     assert space.search.asha == {"grace_period": 2}
     cfg = space.search_config({"lambda_": 0.3, "margin": 0.05})
     assert (cfg.k, cfg.lambda_, cfg.margin, cfg.seed) == (2, 0.3, 0.05, 0)
+    low = {p.name: p.args[0] for p in space.search.params}
+    assert space.search_probe() == space.search_config(low)
+    assert _load(tmp_path, GRID).search_probe() is None
 
 
 def test_shipped_spaces_load(tmp_path):
