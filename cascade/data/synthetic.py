@@ -612,15 +612,6 @@ def _paste(patches: torch.Tensor, origin: list[tuple[int, int]], bi: torch.Tenso
     return out
 
 
-def _accumulate(per_item: torch.Tensor, bi: torch.Tensor, b: int) -> torch.Tensor:
-    """(N, ...) -> (B, ...): sum of the items of each sample, added in order (deterministic on
-    every device, unlike index_add_'s atomics on CUDA)."""
-    out = per_item.new_zeros(b, *per_item.shape[1:])
-    for n, sample in enumerate(bi.tolist()):
-        out[sample] += per_item[n]
-    return out
-
-
 def _stack(params: list[dict[str, object]], device: torch.device) -> dict[str, torch.Tensor]:
     """Per-sample parameter dicts -> batched float32 tensors on `device`; stars stay a list."""
     out: dict[str, object] = {}
