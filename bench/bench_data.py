@@ -22,36 +22,26 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import timed
 
 from cascade.data.synthetic import ProceduralPairs
 from cascade.uformer import Uformer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_synthesis(size: int, batch: int, repeats: int, device: torch.device,
                    seed: int = 0) -> dict[str, float]:
     """Wall and CPU seconds per batch (medians), and the first call's (bank building) seconds."""
     pairs = ProceduralPairs(size, seed)
-    w0, c0 = time.perf_counter(), time.process_time()
-    pairs.batch(list(range(batch)), device)
-    _sync(device)
-    first_wall, first_cpu = time.perf_counter() - w0, time.process_time() - c0
+    first_wall, first_cpu = timed(lambda: pairs.batch(list(range(batch)), device), device)
     walls, cpus = [], []
     for r in range(1, repeats + 1):
         idx = list(range(r * batch, (r + 1) * batch))  # fresh samples each run
-        w0, c0 = time.perf_counter(), time.process_time()
-        pairs.batch(idx, device)
-        _sync(device)
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
+        wall, cpu = timed(lambda idx=idx: pairs.batch(idx, device), device)
+        walls.append(wall)
+        cpus.append(cpu)
     return {"wall": statistics.median(walls), "cpu": statistics.median(cpus),
             "first_wall": first_wall, "first_cpu": first_cpu}
 
@@ -71,13 +61,7 @@ def time_training_step(size: int, batch: int, repeats: int, device: torch.device
         opt.step()
 
     step()  # warm-up: allocator, kernels
-    _sync(device)
-    walls = []
-    for _ in range(repeats):
-        w0 = time.perf_counter()
-        step()
-        _sync(device)
-        walls.append(time.perf_counter() - w0)
+    walls = [timed(step, device)[0] for _ in range(repeats)]
     return statistics.median(walls)
 
 

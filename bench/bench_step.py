@@ -41,11 +41,11 @@ import contextlib
 import copy
 import os
 import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from _timing import sync, timed
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
@@ -84,16 +84,11 @@ class LabelledEncoder(nn.Module):
             return self.encoder(x)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def _phase(name: str, device: torch.device) -> Iterator[None]:
     with record_function(name):
         yield
-        _sync(device)  # so a CUDA phase's kernels are charged to it in the wall/CPU split
+        sync(device)  # so a CUDA phase's kernels are charged to it in the wall/CPU split
 
 
 def make_plain_step(model: nn.Module, device: torch.device, bf16: bool
@@ -140,15 +135,6 @@ def make_cascade_step(cascade: CascadedFlareRemover, net: nn.Module, criterion: 
     return step
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """(wall s, process CPU s) of one call."""
-    _sync(device)
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    _sync(device)
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
 def count_flops(step: Callable[[], None]) -> float:
     """FLOPs of one call of `step` (eager; 2 per multiply-add), forward and backward together."""
     counter = FlopCounterMode(display=False)
@@ -172,11 +158,11 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
 
 def peak_memory(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
     """(peak allocated MiB during one step, MiB resident before it: weights, grads, optimizer)."""
-    _sync(device)
+    sync(device)
     resident = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
-    _sync(device)
+    sync(device)
     return torch.cuda.max_memory_allocated(device) / 2**20, resident / 2**20
 
 
