@@ -160,18 +160,7 @@ class Horovod(DataParallel):
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         # Averages gradients over ranks (op=Average), like DDP: lr is not scaled.
-        wrapped = self._hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
-        # Horovod 0.28's zero_grad() takes no `set_to_none` (torch's has since 1.7; the trainer
-        # passes it). Keep Horovod's check that no allreduce is pending, then torch's zero_grad.
-        horovod_zero_grad, torch_zero_grad = wrapped.zero_grad, type(optimizer).zero_grad
-
-        def zero_grad(set_to_none: bool = True) -> None:
-            if getattr(wrapped, "_handles", None):
-                horovod_zero_grad()  # raises: zero_grad between backward and step races the allreduce
-            torch_zero_grad(wrapped, set_to_none=set_to_none)
-
-        wrapped.zero_grad = zero_grad
-        return wrapped
+        return self._hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
 
     def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self._hvd.broadcast_parameters(model.state_dict(), root_rank=0)

@@ -250,7 +250,9 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
             total = terms.total
             if cfg.fail_at_step is not None and step + 1 == cfg.fail_at_step:
                 total = total * float("nan")  # test hook: a divergence at a known step
-            optimizer.zero_grad(set_to_none=True)
+            # set_to_none is torch's default (>= 2.0); Horovod's DistributedOptimizer.zero_grad
+            # takes no arguments, keeps its pending-allreduce check and calls torch's.
+            optimizer.zero_grad()
             total.backward()
             optimizer.step()
             scheduler.step()
