@@ -21,6 +21,8 @@ from cascade.errors import UserError
 
 # The columns of the paper's Table 1, in its order (cascade.metrics.summarize keys).
 METRICS = ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "ssim_streak", "ssim_glare")
+# Differences to the reference are shown (delta.tex, delta_vs_lambda) in dB and in 1e-3 SSIM units.
+DELTA_SCALE = {m: 1.0 if m.startswith("psnr") else 1e3 for m in METRICS}
 PER_IMAGE_COLUMNS = ("image", "region", "metric", "value")
 # Trial facts quoted in captions; read from metrics.json, then config.json, then the plan.
 FACT_KEYS = ("protocol", "encoder", "encoder_pretrained", "data", "test_data", "test_data_dir",

@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 
 from cascade.io import IMAGE_SUFFIXES, atomic_path
 from cascade.masks import region_weights
-from reports.collect import METRICS, SweepResults, demo_reasons
+from reports.collect import DELTA_SCALE, METRICS, SweepResults, demo_reasons
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def delta_vs_lambda(delta: pd.DataFrame, *, banner: str | None = None) -> Figure
     fig, axes = _grid("Difference to the reference (ours − Uformer), paired bootstrap 95% CI", banner)
     for m in METRICS:
         ax = axes[_axis(axes, m)]
-        scale = 1.0 if m.startswith("psnr") else 1e3
+        scale = DELTA_SCALE[m]
         rows_m = delta[delta["metric"] == m]
         for k, rows in rows_m.groupby("k"):
             rows = rows.sort_values("lambda_")

@@ -23,7 +23,14 @@ import pandas as pd
 from cascade.errors import cli_errors
 from cascade.io import atomic_path, atomic_write_text
 from reports import stats
-from reports.collect import METRICS, SweepResults, demo_reasons, describe_trials, load_sweep
+from reports.collect import (
+    DELTA_SCALE,
+    METRICS,
+    SweepResults,
+    demo_reasons,
+    describe_trials,
+    load_sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +330,7 @@ def delta_latex(delta: pd.DataFrame, table: pd.DataFrame, *, caption: str,
     notes = _Notes()
     ours = table[table["method"] == "cascade"].reset_index(drop=True)
     labels = _row_labels(ours, notes)
-    scale = {m: 1.0 if m.startswith("psnr") else 1e3 for m in METRICS}
+
     cells = []
     for i, row in enumerate(ours.itertuples(index=False)):
         values = []
@@ -335,7 +342,7 @@ def delta_latex(delta: pd.DataFrame, table: pd.DataFrame, *, caption: str,
                 values.append(_missing(row, sweep_dir, notes) if pd.isna(getattr(row, m))
                               else "---" + notes.mark("No per-image metrics to pair with the reference."))
                 continue
-            s = scale[m]
+            s = DELTA_SCALE[m]
             text = f"${d['diff'] * s:+.2f}$"  # math mode: a real minus sign
             if pd.notna(d["ci_low"]):
                 text += f"\\,{{\\scriptsize$[{d['ci_low'] * s:+.2f}, {d['ci_high'] * s:+.2f}]$}}"
