@@ -38,7 +38,7 @@ sweep: $(STAMP) ## Run (or resume) the sweep SPACE (default: the embedded CPU de
 table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), deltas and figures for SPACE into results/
 	$(PY) sweep.py table1 --space $(SPACE_FILE)
 
-status: $(STAMP) ## One line per cell of SPACE: done / running / failed / pending
+status: $(STAMP) ## One line per cell of SPACE: done / running / failed / stopped / interrupted / pending
 	$(PY) sweep.py status --space $(SPACE_FILE)
 
 test: $(STAMP) ## Run every test, slow end-to-end ones included (what CI runs)
