@@ -538,9 +538,10 @@ def _trainable(config: dict[str, Any], *, space: SweepSpace, sweep_dir: str, run
     """One Tune trial: `train()` in results/<sweep>/trials/<id>/, resuming from its checkpoints.
 
     `config` is {"cell": full TrialConfig dict} (grid) or the sampled fields (search), which are
-    laid over the space's fixed fields and first seed (`_cell_of`). Runs in a Ray worker process of its own. With a search `metric`,
-    only reports that carry it reach Tune (OptunaSearch and ASHA need it in every result), so ASHA
-    can stop a trial early only if train() reports that metric while training.
+    laid over the space's fixed fields and first seed (`_cell_of`). Runs in a Ray worker process
+    (CPU trials reuse one, one trial after another). With a search `metric`, only reports that
+    carry it reach Tune (OptunaSearch and ASHA need it in every result), so ASHA can stop a trial
+    early only if train() reports that metric while training (`eval_every`).
     """
     from ray import tune
 

@@ -315,10 +315,11 @@ class _Loop:
         if self.evaluate is not None and done % self.cfg.eval_every == 0 and done < self.cfg.steps:
             t0 = time.perf_counter()
             evaluated = self.evaluate()
-            self.eval_s += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.eval_s += took
             log.info("step %d/%d  PSNR entire %.2f streak %.2f glare %.2f (test set, %.1fs)",
                      done, self.cfg.steps, evaluated["psnr_entire"], evaluated["psnr_streak"],
-                     evaluated["psnr_glare"], time.perf_counter() - t0)
+                     evaluated["psnr_glare"], took)
         if log_now and self.dp.is_main:
             self._log(done, saved, evaluated)
         elif evaluated and self.report is not None:
