@@ -50,9 +50,10 @@ import torch
 import yaml
 
 import sweep
-from cascade.io import read_json
-from cascade.space import SweepSpace, load_space
 from cascade.train import train
+from orchestrator.record import SweepRecord
+from orchestrator.space import SweepSpace, load_space
+from orchestrator.trial import prepare_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def bench_space(space_path: Path, sets: list[str], grids: list[str], out: Path) 
 def prepare(space: SweepSpace) -> float:
     """Build (or find) the base network and test set every trial shares; seconds taken."""
     t0 = time.perf_counter()
-    sweep._prepare(space, space.trials(), sweep.DEFAULT_PREPARE)
+    prepare_shared(space.name, [c.config for c in space.trials()], sweep._default_prepare())
     return time.perf_counter() - t0
 
 
@@ -116,12 +117,12 @@ def instrumented(events: dict[str, Any]) -> Iterator[None]:
         real_start(*args, **kwargs)
         events["ray_start_s"] = time.perf_counter() - t0
 
-    def timed_callback(ctx: Any) -> Any:
-        callback = real_callback(ctx)
+    def timed_callback(run: Any) -> Any:
+        callback = real_callback(run)
         on_start, on_complete = callback.on_trial_start, callback.on_trial_complete
 
         def trial_id(trial: Any) -> str:
-            return sweep._cell_of(trial.config, ctx.space).trial_id
+            return sweep._cell_of(trial.config, run.space).trial_id
 
         def start(iteration, trials, trial, **info):
             events["start"][trial_id(trial)] = time.time()
@@ -151,8 +152,8 @@ def run_ray(space_path: Path, concurrency: int, out: Path, cpus: int) -> dict[st
         wall, w1 = time.perf_counter() - t0, time.time()
     if outcome.left or outcome.interrupted:
         raise SystemExit(f"error: the Ray sweep in {out} did not finish ({outcome})")
-    results = {c.trial_id: read_json(out / space.name / "trials" / c.trial_id / "metrics.json")
-               for c in space.trials()}
+    record = SweepRecord(out / space.name)
+    results = {c.trial_id: record.read_metrics(c.trial_id) for c in space.trials()}
     overheads = [events["complete"][tid] - events["start"][tid] - results[tid]["wall_s"]
                  for tid in results]
     return {"wall": wall, "ray_start": events.get("ray_start_s", float("nan")),

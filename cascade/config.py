@@ -4,19 +4,26 @@ One name, one meaning: `k`, `lambda_`, `delta`, `margin`, ... are spelled the sa
 search-space YAML, here, in the results' `config.json` and in the Table 1 DataFrame columns.
 `TrialConfig.from_dict` rejects unknown keys (a typo in a search space is an error naming the key,
 never a silent default) and out-of-range values, raising `UserError`.
+
+The field classes below (RUNTIME_FIELDS, ID_FIELDS, RESUME_MAY_CHANGE, PATH_FIELDS, BASE_FIELDS,
+TEST_FIELDS) say what each field is to a trial's identity, its resume check and its caches; they
+live here, beside the fields, so that adding a field means deciding its class in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import re
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from cascade.errors import UserError
+import yaml
+
+from cascade.errors import UserError, first_line
+from cascade.io import FLOAT_LITERAL, digest, parse_yaml
 
 # Torch-free on purpose: `sweep.py status` and `table1` load configs without importing torch.
 DEFAULT_DELTA = 1e-3
@@ -145,12 +152,32 @@ class TrialConfig:
         """A validated copy with some fields changed."""
         return TrialConfig.from_dict({**self.to_dict(), **changes})
 
-    def digest(self, keys: tuple[str, ...] | None = None) -> str:
-        """Stable 12-hex-digit hash of the given fields (all by default), for ids and caches."""
+    def digest(self, keys: Sequence[str] | None = None) -> str:
+        """Stable 12-hex-digit hash (`cascade.io.digest`) of the given fields (all by default)."""
         d = self.to_dict()
-        sub = {k: d[k] for k in (keys if keys is not None else sorted(d))}
-        blob = json.dumps(sub, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return digest({k: d[k] for k in (keys if keys is not None else d)})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrialConfig:
+        """A config from a YAML/JSON file plus `key=value` overrides (values parsed as YAML)."""
+        p = Path(path)
+        try:
+            values = parse_yaml(p.read_text(encoding="utf-8")) or {}  # JSON is YAML
+        except OSError as exc:
+            raise UserError(f"{p}: cannot read config ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"{p}: not valid YAML/JSON ({first_line(exc)})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{p}: expected a mapping of config keys")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--set {item!r}: expected key=value")
+            try:
+                values[key.strip()] = parse_yaml(value)
+            except yaml.YAMLError as exc:
+                raise UserError(f"--set {item!r}: not valid YAML ({first_line(exc)})") from None
+        return cls.from_dict(values, where=str(p) + (" (with --set)" if overrides else ""))
 
     def validate(self, *, where: str = "config") -> None:
         """Raise UserError naming the first bad field."""
@@ -216,7 +243,26 @@ class TrialConfig:
             raise bad("fail_at_step", "a step >= 0 or null")
 
 
-_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# -- field classes -----------------------------------------------------------------------------------
+
+# How a trial runs, not what it computes: left out of the trial id, so e.g. a new checkpoint
+# interval resumes the same trial instead of starting a new one.
+RUNTIME_FIELDS = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache",
+                  "eval_every")
+# A trial's identity (`cfg.digest(ID_FIELDS)` is its id's hash): every other field, sorted.
+ID_FIELDS = tuple(sorted(f.name for f in fields(TrialConfig) if f.name not in RUNTIME_FIELDS))
+# May differ between a checkpoint and the run resuming it: the runtime fields, plus what changes
+# how the run is executed but not what it computes (on the CPU; a device change breaks
+# bit-identity but is still the same experiment, e.g. a retry on a node with another GPU count).
+RESUME_MAY_CHANGE = RUNTIME_FIELDS + ("fail_at_step", "n_samples", "workers", "backend", "device",
+                                      "compile")
+# Hold paths: made absolute before a trial starts, because trials run in other directories.
+PATH_FIELDS = ("checkpoint", "data", "backgrounds", "test_data", "base_cache", "encoder_weights")
+# Determine the procedural base network's weights (its cache key, cascade.pretrain).
+BASE_FIELDS = ("embed_dim", "depth", "win_size", "output_ch", "base_steps", "base_lr", "crop",
+               "batch_size")
+# Determine the procedural test set's images (its cache key, cascade.data.testset).
+TEST_FIELDS = ("n_test", "test_size")
 
 
 def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
@@ -235,8 +281,8 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
             raise UserError(f"{where}: {name}={value!r} is invalid; expected an integer")
         return int(value)
     if float in allowed:
-        # PyYAML (YAML 1.1) reads `1e-3` -- an exponent without a dot -- as a string; take it.
-        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+        # A number written as a string: plain PyYAML (YAML 1.1) reads `1e-3` so (see FLOAT_LITERAL).
+        if isinstance(value, str) and FLOAT_LITERAL.match(value.strip()):
             return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: {name}={value!r} is invalid; expected a number")

@@ -205,6 +205,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A trial's progress callback, `report(metrics, checkpoint_dir)`: what `cascade.train.train` takes
+# and calls, and what `launch` relays from rank 0. Defined once, here.
 Report = Callable[[dict[str, Any], "str | None"], None]
 
 

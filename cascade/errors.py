@@ -18,6 +18,16 @@ class UserError(Exception):
     """A problem with the user's input; the message names the file/key and what was expected."""
 
 
+def first_line(text: object, default: str = "") -> str:
+    """The first non-empty line of `str(text)`, stripped; `default` when there is none (or None).
+
+    For one-line error summaries: exception messages, error.json, a YAML error's problem.
+    """
+    if text is None:
+        return default
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), default)
+
+
 def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
     """Decorate a CLI `main`: a `UserError` becomes `error: <message>` on stderr and exit code 2."""
 

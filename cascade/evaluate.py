@@ -8,6 +8,11 @@ Prints the summary of `cascade.metrics.summarize` as a table; `--per-image-csv` 
 row per image x region x metric (columns image, region, metric, value), atomically.
 Mistakes a user can fix (missing folder, unpaired file, unreadable image) end with one
 `error: ...` line and exit status 2.
+
+The same scoring for a model in memory (what a trial runs, `cascade.train`):
+`predict(model, testset, device)` and `evaluate_model(model, testset, cfg, device)`: every test
+image, whole (tiled above 512 px), in fp32, through `cascade.model.remove_flare`; channels 0:3
+rounded to uint8 and scored by `cascade.metrics.evaluate_arrays` under `cfg.protocol`.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cascade.errors import UserError, cli_errors
 from cascade.io import atomic_path
@@ -25,10 +30,46 @@ from cascade.metrics import (
     REGION_PROTOCOLS,
     SSIM_DEFINITIONS,
     SSIM_WINDOWS,
+    evaluate_arrays,
     evaluate_dirs,
     summarize,
     summary_keys,
 )
+
+if TYPE_CHECKING:  # torch is imported when a model is evaluated, not for the folder CLI
+    import numpy as np
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from cascade.config import TrialConfig
+    from cascade.data.testset import PairedTestSet
+
+
+def predict(model: nn.Module, testset: PairedTestSet, device: torch.device
+            ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(stem, pred, gt, mask) per test image; pred = the model's deflared image, (H, W, 3) uint8.
+
+    `model`: a Uformer (reference) or a CascadedFlareRemover (its anchor's output), run in eval
+    mode, fp32, whole images (tiled above 512 px) through `cascade.model.remove_flare`.
+    """
+    from cascade.data.images import to_tensor, to_uint8
+    from cascade.model import remove_flare
+
+    model.eval()
+    for i in range(len(testset)):
+        item = testset[i]
+        out = remove_flare(model, to_tensor(item.input, device)[None])  # (1, C, H, W)
+        yield item.stem, to_uint8(out[0, :3].float()), item.gt, item.mask
+
+
+def evaluate_model(model: nn.Module, testset: PairedTestSet, cfg: TrialConfig, device: torch.device
+                   ) -> tuple[pd.DataFrame, list[tuple[str, np.ndarray]]]:
+    """Per-image metrics DataFrame (cascade.metrics) and the first n_samples (stem, pred)."""
+    items = list(predict(model, testset, device))
+    per_image = evaluate_arrays(items, protocol=cfg.protocol, ssim_window=cfg.ssim_window,
+                                workers=cfg.eval_workers)
+    return per_image, [(stem, pred) for stem, pred, _, _ in items[: cfg.n_samples]]
 
 
 def build_parser() -> argparse.ArgumentParser:

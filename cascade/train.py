@@ -1,11 +1,11 @@
 """One trial of the ablation, end to end: `train(cfg) -> dict`, and `python -m cascade.train`.
 
 A trial (cfg.kind):
-- "cascade": build the cascade from the base network (`cascade.base.ensure_base`), fine-tune its
+- "cascade": build the cascade from the base network (`cascade.pretrain.ensure_base`), fine-tune its
   anchor with the paper's loss (`cascade.losses.cascade_loss`: k, lambda_, delta, margin) for
   `cfg.steps` optimizer steps, then evaluate the anchor's output on the test set;
 - "reference" (Table 1's "Uformer" row): evaluate the base network alone, no training,
-  through exactly the same evaluation path (`evaluate_model`).
+  through exactly the same evaluation path (`cascade.evaluate.evaluate_model`).
 
 Training semantics
 - Global batch = `batch_size` images per optimizer step, whatever the number of workers: with
@@ -26,11 +26,10 @@ Training semantics
   checkpoint could store the broken weights.
 - Checkpoints: every `checkpoint_every` steps and at the end, `checkpoint_dir/last.pt` (atomic);
   a trial given a folder with a checkpoint resumes from it (its config must match, see
-  `RESUME_MAY_CHANGE`).
+  `config.RESUME_MAY_CHANGE`).
 
-Evaluation: every test image, whole (tiled above 512 px), in fp32, through
-`cascade.model.remove_flare`; channels 0:3 rounded to uint8 and scored by
-`cascade.metrics.evaluate_arrays` under `cfg.protocol`.
+Evaluation: `cascade.evaluate.evaluate_model` on the test set that
+`cascade.data.testset.ensure_test_data` names.
 
 Outputs in `output_dir` (all atomic): config.json, metrics.json (the returned dict), per_image.csv,
 samples/<stem>.png for the first `n_samples` test images. Nothing is written when output_dir is None.
@@ -39,38 +38,30 @@ samples/<stem>.png for the first `n_samples` test images. Nothing is written whe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from cascade import checkpoint as ckpt
-from cascade.base import ensure_base, ensure_test_data, resolve_device, use_bf16
-from cascade.config import TrialConfig
-from cascade.distributed import DataParallel, check_backend, launch
+from cascade.config import RESUME_MAY_CHANGE, TrialConfig
+from cascade.data.testset import PairedTestSet, ensure_test_data
+from cascade.device import resolve_device, use_bf16
+from cascade.distributed import DataParallel, Report, check_backend, launch
 from cascade.errors import UserError, cli_errors
+from cascade.fmt import duration, psnr_text
 from cascade.io import atomic_path, atomic_write_json
-
-if TYPE_CHECKING:  # imported lazily at run time (keeps `import cascade.train` light)
-    from cascade.data.testset import PairedTestSet
+from cascade.pretrain import ensure_base
+from cascade.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[dict[str, Any], "str | None"], None]
-
-# Config fields that may differ between a checkpoint and the run resuming it: they change how the
-# run is executed or logged, not what it computes (on the CPU; a device change breaks bit-identity
-# but is still the same experiment, e.g. a retry on a node with a different GPU count).
-RESUME_MAY_CHANGE = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache",
-                     "fail_at_step", "n_samples", "workers", "backend", "device", "compile",
-                     "eval_every")
 LOSS_TERMS = ("loss", "reg", "perceptual", "triplet")  # "loss" is LossTerms.total
 _NEVER = 2**62  # "no non-finite step yet" (min-reduced over ranks)
 
@@ -126,8 +117,7 @@ def build_pairs(cfg: TrialConfig) -> Any:
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global torch RNG for one step of one rank (63-bit, from sha256)."""
-    digest = hashlib.sha256(f"flaresweep-step:{seed}:{step}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derive_seed("flaresweep-step", seed, step, rank, shift=1)
 
 
 def step_indices(cfg: TrialConfig, step: int) -> torch.Tensor:
@@ -174,13 +164,15 @@ class _DecodeSteps(torch.utils.data.Dataset):
 
 
 def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_path: str,
-                checkpoint_dir: str | None, testset: PairedTestSet | None = None
-                ) -> dict[str, Any] | None:
+                checkpoint_dir: str | None, testset: PairedTestSet | None = None,
+                drop_path_rate: float | None = None) -> dict[str, Any] | None:
     """Fine-tune the anchor on this rank's shards; rank 0 returns the anchor's weights and stats.
 
     With `cfg.eval_every`, rank 0 also evaluates on `testset` (train()'s, already validated; it
     holds paths only, so it pickles to spawned ranks) every that many steps (not at the last:
-    train() evaluates then) and reports the metrics with that step.
+    train() evaluates then) and reports the metrics with that step. `drop_path_rate` overrides
+    the base's stochastic depth (None: the checkpoint's); tests set 0 to compare ranks with one
+    process, the masks being the one thing drawn per rank.
     """
     from cascade.encoders import build_encoder
     from cascade.losses import CascadeLoss
@@ -198,7 +190,8 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         torch.manual_seed(cfg.seed)
-        model = CascadedFlareRemover.from_checkpoint(base_path).to(device)
+        overrides = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+        model = CascadedFlareRemover.from_checkpoint(base_path, **overrides).to(device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.train()  # the anchor trains (stochastic depth); the negative stays in eval mode
@@ -227,6 +220,7 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
 
         evaluate = None
         if cfg.eval_every and dp.is_main and testset is not None:
+            from cascade.evaluate import evaluate_model
             from cascade.metrics import summarize
 
             def evaluate() -> dict[str, Any]:
@@ -317,9 +311,8 @@ class _Loop:
             evaluated = self.evaluate()
             took = time.perf_counter() - t0
             self.eval_s += took
-            log.info("step %d/%d  PSNR entire %.2f streak %.2f glare %.2f (test set, %.1fs)",
-                     done, self.cfg.steps, evaluated["psnr_entire"], evaluated["psnr_streak"],
-                     evaluated["psnr_glare"], took)
+            log.info("step %d/%d  %s (test set, %.1fs)", done, self.cfg.steps,
+                     psnr_text(evaluated, ("entire", "streak", "glare")), took)
         if log_now and self.dp.is_main:
             self._log(done, saved, evaluated)
         elif evaluated and self.report is not None:
@@ -362,7 +355,7 @@ class _Loop:
         metrics = {"step": done, "steps": self.cfg.steps, **self.last_terms,
                    "images_per_s": rate, "eta_s": eta, **evaluated}
         log.info("step %d/%d  loss %.4g (reg %.4g, perceptual %.4g, triplet %.4g)  %.1f img/s  ETA %s",
-                 done, self.cfg.steps, *means, rate, _hms(eta))
+                 done, self.cfg.steps, *means, rate, duration(eta))
         if self.report is not None:
             self.report(metrics, checkpoint_dir)
 
@@ -383,42 +376,6 @@ class _Loop:
                 "final_terms": self.last_terms}
 
 
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-# -- evaluation ---------------------------------------------------------------------------------------
-
-
-def predict(model: nn.Module, testset: PairedTestSet, device: torch.device
-            ) -> Iterator[tuple[str, Any, Any, Any]]:
-    """(stem, pred, gt, mask) per test image; pred = the model's deflared image, (H, W, 3) uint8.
-
-    `model`: a Uformer (reference) or a CascadedFlareRemover (its anchor's output), run in eval
-    mode, fp32, whole images (tiled above 512 px) through `cascade.model.remove_flare`.
-    """
-    from cascade.data.images import to_tensor, to_uint8
-    from cascade.model import remove_flare
-
-    model.eval()
-    for i in range(len(testset)):
-        item = testset[i]
-        out = remove_flare(model, to_tensor(item.input, device)[None])  # (1, C, H, W)
-        yield item.stem, to_uint8(out[0, :3].float()), item.gt, item.mask
-
-
-def evaluate_model(model: nn.Module, testset: PairedTestSet, cfg: TrialConfig,
-                   device: torch.device) -> tuple[Any, list[tuple[str, Any]]]:
-    """Per-image metrics DataFrame (cascade.metrics) and the first n_samples (stem, pred)."""
-    from cascade.metrics import evaluate_arrays
-
-    items = list(predict(model, testset, device))
-    per_image = evaluate_arrays(items, protocol=cfg.protocol, ssim_window=cfg.ssim_window,
-                                workers=cfg.eval_workers)
-    return per_image, [(stem, pred) for stem, pred, _, _ in items[: cfg.n_samples]]
-
-
 # -- the trial ----------------------------------------------------------------------------------------
 
 
@@ -431,6 +388,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     the end with the returned dict. checkpoint_dir defaults to output_dir/checkpoints (None when
     both are None: no checkpoints). See the module docstring for what is written.
     """
+    from cascade.evaluate import evaluate_model
     from cascade.metrics import summarize
     from cascade.model import CascadedFlareRemover
     from cascade.uformer import load_checkpoint
@@ -446,8 +404,6 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
         atomic_write_json(out / "config.json", cfg.to_dict())
     base_path = ensure_base(cfg)
     test_dir = ensure_test_data(cfg)
-    from cascade.data.testset import PairedTestSet
-
     # Validated (every image decoded) once, before spending time on training; evaluation reuses it.
     testset = PairedTestSet(test_dir)
 
@@ -507,27 +463,6 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
 # -- command line ---------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrialConfig:
-    """TrialConfig from a YAML/JSON file plus `key=value` overrides (values parsed as YAML)."""
-    import yaml
-
-    p = Path(path)
-    try:
-        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}  # JSON is YAML
-    except OSError as exc:
-        raise UserError(f"{p}: cannot read config ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{p}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{p}: expected a mapping of config keys")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item!r}: expected key=value")
-        values[key.strip()] = yaml.safe_load(value)
-    return TrialConfig.from_dict(values, where=str(p) + (" (with --set)" if overrides else ""))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cascade.train",
@@ -546,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.set)
+    cfg = TrialConfig.from_file(args.config, args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.output_dir or Path("results") / "train" / cfg.digest())
     # Opened at the first progress report: a config or input error stays the only line on stderr.

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from cascade.errors import UserError
+from cascade.errors import UserError, first_line
 from cascade.io import atomic_path
 
 # The Uformer constructor arguments, i.e. the keys of `Uformer.arch`.
@@ -402,7 +402,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any] | 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for non-checkpoints; all mean "unreadable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, type(exc).__name__)
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
     arch = None
     if isinstance(obj, dict) and isinstance(obj.get("params_ema"), dict):

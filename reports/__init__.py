@@ -1,4 +1,4 @@
-"""reports: a sweep's results tree -> Table 1 (CSV, LaTeX), deltas with CIs, figures.
+"""reports: a sweep's results tree -> Table 1 (CSV, LaTeX), differences with CIs, figures.
 
 Pure pandas / numpy / matplotlib; no Ray, no torch. `build_reports(sweep_dir, paper=True)` writes
 everything into the sweep folder and returns the files written (`python -m reports.table1`).

@@ -1,6 +1,7 @@
 """Read a sweep's results tree (docs/design.md, "Results on disk") into DataFrames.
 
-Nothing here computes statistics; it only turns `sweep.json` and `trials/<id>/` into:
+Nothing here computes statistics; it only turns `sweep.json` and `trials/<id>/`, read through
+`orchestrator.record` (the one reader of the results folder), into:
 - `cells`: one row per planned cell (λ=0 cells that share a trial keep one row each),
 - `per_image`: per-image metrics of every finished trial, images keyed by file stem,
 - `trials`: per trial id, the merged config/metrics facts used in captions.
@@ -9,7 +10,6 @@ Missing or failed trials stay in `cells` with a status; they are never dropped.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 
 from cascade.errors import UserError
+from orchestrator.record import SweepRecord
 
 # The columns of the paper's Table 1, in its order (cascade.metrics.summarize keys).
 METRICS = ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "ssim_streak", "ssim_glare")
-# Differences to the reference are shown (delta.tex, delta_vs_lambda) in dB and in 1e-3 SSIM units.
-DELTA_SCALE = {m: 1.0 if m.startswith("psnr") else 1e3 for m in METRICS}
+# Differences to the reference are shown (diff.tex, diff_vs_lambda) in dB and in 1e-3 SSIM units.
+DIFF_SCALE = {m: 1.0 if m.startswith("psnr") else 1e3 for m in METRICS}
 PER_IMAGE_COLUMNS = ("image", "region", "metric", "value")
 # Trial facts quoted in captions; read from metrics.json, then config.json, then the plan.
 FACT_KEYS = ("protocol", "encoder", "encoder_pretrained", "data", "test_data", "test_data_dir",
@@ -60,13 +61,11 @@ def load_sweep(sweep_dir: str | Path) -> SweepResults:
     Raises UserError (one line) when there is no plan, the plan is malformed, or no trial finished.
     """
     root = Path(sweep_dir)
-    plan_path = root / "sweep.json"
-    if not plan_path.is_file():
+    record = SweepRecord(root)
+    plan = record.read_plan()
+    if plan is None:
         raise UserError(f"{_shown(root)}: no sweep results (run `make sweep` first)")
-    plan = _read_json(plan_path)
-    raw_cells = plan.get("cells") if isinstance(plan, dict) else None
-    if not isinstance(raw_cells, list) or not raw_cells:
-        raise UserError(f"{plan_path}: expected a non-empty list under 'cells'")
+    raw_cells, plan_path = plan["cells"], record.plan_path
 
     rows, trials, per_image = [], {}, []
     for i, cell in enumerate(raw_cells):
@@ -75,11 +74,11 @@ def load_sweep(sweep_dir: str | Path) -> SweepResults:
     cells["k"] = cells["k"].astype("Int64")
     cells["seed"] = cells["seed"].astype("Int64")
     for trial_id, plan_config in cells.groupby("trial_id", sort=False)["config"].first().items():
-        status, error, metrics = _trial_state(root / "trials" / trial_id)
+        status, error, metrics = _trial_state(record, trial_id)
         trials[trial_id] = {"status": status, "error": error, "metrics": metrics,
-                            **_facts(root / "trials" / trial_id, plan_config, metrics)}
+                            **_facts(record.read_config(trial_id), plan_config, metrics)}
         if status == "done":
-            per_image.append(_read_per_image(root / "trials" / trial_id / "per_image.csv", trial_id))
+            per_image.append(_read_per_image(record.per_image_path(trial_id), trial_id))
 
     cells["status"] = cells["trial_id"].map(lambda t: trials[t]["status"])
     cells["error"] = cells["trial_id"].map(lambda t: trials[t]["error"])
@@ -105,13 +104,6 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable JSON ({exc})") from None
 
 
 def _plan_row(i: int, cell: Any, where: Path) -> dict[str, Any]:
@@ -143,35 +135,22 @@ def _plan_row(i: int, cell: Any, where: Path) -> dict[str, Any]:
     }
 
 
-def _trial_state(trial_dir: Path) -> tuple[str, str | None, dict[str, Any]]:
-    """(status, first error line, metrics): metrics.json wins over a stale error.json."""
-    metrics_path, error_path = trial_dir / "metrics.json", trial_dir / "error.json"
-    if metrics_path.is_file():
-        metrics = _read_json(metrics_path)
-        if not isinstance(metrics, dict):
-            raise UserError(f"{metrics_path}: expected a JSON object")
+def _trial_state(record: SweepRecord, trial_id: str) -> tuple[str, str | None, dict[str, Any]]:
+    """(status, first error line, metrics) in STATUSES terms: running and interrupted trials are
+    "pending" here; an unreadable metrics.json is a UserError naming it, never a silent gap."""
+    metrics = record.read_metrics(trial_id)
+    if metrics is not None:
         return "done", None, metrics
-    if error_path.is_file():
-        try:
-            error = json.loads(error_path.read_text(encoding="utf-8")).get("error")
-        except (OSError, ValueError, AttributeError):
-            error = None  # a failure is a failure even if its report is unreadable
-        first_line = str(error).strip().splitlines()[0] if error and str(error).strip() else None
-        return "failed", first_line or "unknown error", {}
-    if (trial_dir / "stopped.json").is_file():
-        return "stopped", None, {}
+    status = record.status(trial_id)
+    if status.state in ("failed", "stopped"):
+        return status.state, status.error, {}
     return "pending", None, {}
 
 
-def _facts(trial_dir: Path, plan_config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+def _facts(config: dict[str, Any], plan_config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """Caption facts for one trial: what it ran with (metrics) > its resolved config > the plan."""
-    config_path = trial_dir / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
-    sources = [metrics, config if isinstance(config, dict) else {}, plan_config]
-    facts: dict[str, Any] = {}
-    for key in FACT_KEYS:
-        facts[key] = next((s[key] for s in sources if key in s), None)
-    return facts
+    sources = [metrics, config, plan_config]
+    return {key: next((s[key] for s in sources if key in s), None) for key in FACT_KEYS}
 
 
 def _read_per_image(path: Path, trial_id: str) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 
 - metric_vs_lambda: PSNR/SSIM per region against λ, one line per k, the reference dashed,
   ±1 std bands over seeds where there are several.
-- delta_vs_lambda: the same as differences to the reference with paired bootstrap 95% CI bands;
+- diff_vs_lambda: the same as differences to the reference with paired bootstrap 95% CI bands;
   filled markers where the CI excludes 0.
 - qualitative: input, reference (negative) output, anchor output and ground truth for a few test
   images, streak/glare outlined from the mask, per-image PSNR/SSIM under each output
@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 
 from cascade.io import IMAGE_SUFFIXES, atomic_path
 from cascade.masks import region_weights
-from reports.collect import DELTA_SCALE, METRICS, SweepResults, demo_reasons
+from reports.collect import DIFF_SCALE, METRICS, SweepResults, demo_reasons
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,15 @@ REGION_COLOURS = {"streak": "#ff00ff", "glare": "#00e5ff"}  # visible on orange/
 DPI = 150
 
 
-def write_figures(sweep: SweepResults, table: pd.DataFrame, delta: pd.DataFrame, out_dir: Path,
+def write_figures(sweep: SweepResults, table: pd.DataFrame, diffs: pd.DataFrame, out_dir: Path,
                   *, anchor: tuple[int, float] | None = None, n_images: int = 3) -> list[Path]:
     """Write every figure that the results support; log (not raise) why one is skipped."""
     written: list[Path] = []
     banner = _demo_banner(table)
     if (table["method"] == "cascade").any() and table[list(METRICS)].notna().any().any():
         written += _save(metric_vs_lambda(table, banner=banner), out_dir, "metric_vs_lambda")
-    if len(delta) and delta["diff"].notna().any():
-        written += _save(delta_vs_lambda(delta, banner=banner), out_dir, "delta_vs_lambda")
+    if len(diffs) and diffs["diff"].notna().any():
+        written += _save(diff_vs_lambda(diffs, banner=banner), out_dir, "diff_vs_lambda")
     fig = qualitative(sweep, table, anchor=anchor, n_images=n_images, banner=banner)
     if fig is not None:
         written += _save(fig, out_dir, "qualitative")
@@ -152,13 +152,13 @@ def metric_vs_lambda(table: pd.DataFrame, *, banner: str | None = None) -> Figur
     return fig
 
 
-def delta_vs_lambda(delta: pd.DataFrame, *, banner: str | None = None) -> Figure:
+def diff_vs_lambda(diffs: pd.DataFrame, *, banner: str | None = None) -> Figure:
     """Δ vs the reference against λ with paired bootstrap 95% CI bands (SSIM in 1e-3)."""
     fig, axes = _grid("Difference to the reference (ours − Uformer), paired bootstrap 95% CI", banner)
     for m in METRICS:
         ax = axes[_axis(axes, m)]
-        scale = DELTA_SCALE[m]
-        rows_m = delta[delta["metric"] == m]
+        scale = DIFF_SCALE[m]
+        rows_m = diffs[diffs["metric"] == m]
         for k, rows in rows_m.groupby("k"):
             rows = rows.sort_values("lambda_")
             x = rows["lambda_"].to_numpy(float) + K_DODGE.get(int(k), 0.0)

@@ -121,7 +121,7 @@ def paired_differences(wide: pd.DataFrame, trials: list[tuple[str, int | None]],
     return pd.concat(diffs).groupby(level=0).mean()
 
 
-def delta_rows(diffs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
+def diff_rows(diffs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
                seed: int = BOOTSTRAP_SEED) -> list[dict[str, object]]:
     """One row per metric: diff, ci_low, ci_high, n_images, excludes_zero."""
     rows = []

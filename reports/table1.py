@@ -1,8 +1,8 @@
-"""Table 1 of the paper regenerated from a sweep: CSV + LaTeX, deltas with CIs, paper side by side.
+"""Table 1 of the paper regenerated from a sweep: CSV + LaTeX, differences with CIs, paper side by side.
 
     python -m reports.table1 --sweep-dir results/<sweep> [--no-paper]
 
-Writes into the sweep folder (atomically): table1.csv/.tex, delta.csv/.tex, paper_vs_ours.csv and
+Writes into the sweep folder (atomically): table1.csv/.tex, diff.csv/.tex, paper_vs_ours.csv and
 figures/ (see results/README.md). `build_reports` is the entry point `sweep.py table1` calls.
 
 Spelling: our CSVs use `lambda_` (the project-wide name); the published paper_table1.csv uses
@@ -24,7 +24,7 @@ from cascade.errors import cli_errors
 from cascade.io import atomic_path, atomic_write_text
 from reports import stats
 from reports.collect import (
-    DELTA_SCALE,
+    DIFF_SCALE,
     METRICS,
     SweepResults,
     demo_reasons,
@@ -91,7 +91,7 @@ def table1_frame(sweep: SweepResults) -> pd.DataFrame:
     return frame[order]
 
 
-def delta_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
+def diff_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
                 seed: int = stats.BOOTSTRAP_SEED) -> pd.DataFrame:
     """Δ vs the reference per cascade row and metric, with paired bootstrap CIs over images.
 
@@ -111,7 +111,7 @@ def delta_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
         done = group[group["status"] == "done"]
         trials = [(t, None if pd.isna(s) else int(s)) for t, s in zip(done["trial_id"], done["seed"])]
         diffs = stats.paired_differences(wide, trials, references)
-        for row in stats.delta_rows(diffs, n_resamples=n_resamples, seed=seed):
+        for row in stats.diff_rows(diffs, n_resamples=n_resamples, seed=seed):
             rows.append({"method": key[0], "k": key[1], "lambda_": key[2], **row,
                          "n_seeds": len(trials)})
     columns = ["method", "k", "lambda_", "metric", "diff", "ci_low", "ci_high", "n_images",
@@ -321,11 +321,11 @@ def table1_latex(table: pd.DataFrame, *, caption: str, label: str = "tab:table1"
                    caption=caption, label=label, group_starts=_group_starts(keys), notes=notes)
 
 
-def delta_latex(delta: pd.DataFrame, table: pd.DataFrame, *, caption: str,
-                label: str = "tab:delta", sweep_dir: str = "results/<sweep>") -> str:
+def diff_latex(diffs: pd.DataFrame, table: pd.DataFrame, *, caption: str,
+                label: str = "tab:diff", sweep_dir: str = "results/<sweep>") -> str:
     """Δ vs the reference as LaTeX: `+0.12 [+0.05, +0.20]*` per cell; SSIM in units of 1e-3.
 
-    `delta` is a `delta_frame`, `table` the matching `table1_frame` (row labels, statuses).
+    `diffs` is a `diff_frame`, `table` the matching `table1_frame` (row labels, statuses).
     """
     notes = _Notes()
     ours = table[table["method"] == "cascade"].reset_index(drop=True)
@@ -335,14 +335,14 @@ def delta_latex(delta: pd.DataFrame, table: pd.DataFrame, *, caption: str,
     for i, row in enumerate(ours.itertuples(index=False)):
         values = []
         for m in METRICS:
-            hit = delta[(delta["k"] == row.k) & np.isclose(delta["lambda_"], row.lambda_)
-                        & (delta["metric"] == m)]
+            hit = diffs[(diffs["k"] == row.k) & np.isclose(diffs["lambda_"], row.lambda_)
+                        & (diffs["metric"] == m)]
             d = hit.iloc[0] if len(hit) else None
             if d is None or pd.isna(d["diff"]):
                 values.append(_missing(row, sweep_dir, notes) if pd.isna(getattr(row, m))
                               else "---" + notes.mark("No per-image metrics to pair with the reference."))
                 continue
-            s = DELTA_SCALE[m]
+            s = DIFF_SCALE[m]
             text = f"${d['diff'] * s:+.2f}$"  # math mode: a real minus sign
             if pd.notna(d["ci_low"]):
                 text += f"\\,{{\\scriptsize$[{d['ci_low'] * s:+.2f}, {d['ci_high'] * s:+.2f}]$}}"
@@ -356,9 +356,9 @@ def delta_latex(delta: pd.DataFrame, table: pd.DataFrame, *, caption: str,
                    notes=notes)
 
 
-def delta_caption(delta: pd.DataFrame) -> str:
-    """What delta.tex shows; prefix for `caption_text`."""
-    n_images = int(delta["n_images"].max()) if len(delta) else 0
+def diff_caption(diffs: pd.DataFrame) -> str:
+    """What diff.tex shows; prefix for `caption_text`."""
+    n_images = int(diffs["n_images"].max()) if len(diffs) else 0
     return (f"Difference to the reference (ours $-$ Uformer) with paired bootstrap 95\\% CIs over "
             f"up to {n_images} test images ({stats.N_RESAMPLES} resamples, images paired by file "
             f"name; with several seeds, per-image differences are averaged over seeds first). "
@@ -387,22 +387,22 @@ def build_reports(sweep_dir: str | Path, *, paper: bool = True) -> list[Path]:
     sweep = load_sweep(sweep_dir)
     root = sweep.root
     table = table1_frame(sweep)
-    delta = delta_frame(sweep)
+    diffs = diff_frame(sweep)
     where, label = str(root), _label(sweep.name)
     written = [write_csv(table, root / "table1.csv")]
     atomic_write_text(root / "table1.tex", table1_latex(
         table, caption=caption_text(table, sweep, TABLE1_WHAT), label=f"tab:table1-{label}",
         sweep_dir=where))
     written.append(root / "table1.tex")
-    written.append(write_csv(delta, root / "delta.csv"))
+    written.append(write_csv(diffs, root / "diff.csv"))
     if (table["method"] == "cascade").any():
-        atomic_write_text(root / "delta.tex", delta_latex(
-            delta, table, caption=caption_text(table, sweep, delta_caption(delta)),
-            label=f"tab:delta-{label}", sweep_dir=where))
-        written.append(root / "delta.tex")
+        atomic_write_text(root / "diff.tex", diff_latex(
+            diffs, table, caption=caption_text(table, sweep, diff_caption(diffs)),
+            label=f"tab:diff-{label}", sweep_dir=where))
+        written.append(root / "diff.tex")
     if paper:
         written.append(write_csv(paper_vs_ours(table, read_paper()), root / "paper_vs_ours.csv"))
-    written += figures.write_figures(sweep, table, delta, root / "figures", anchor=PAPER_ANCHOR)
+    written += figures.write_figures(sweep, table, diffs, root / "figures", anchor=PAPER_ANCHOR)
     return written
 
 

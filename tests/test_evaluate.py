@@ -100,3 +100,31 @@ def test_help_lists_choices(capsys: pytest.CaptureFixture) -> None:
     for word in ("{masked,flare7k}", "{uniform,gaussian}", "--per-image-csv", "--workers N",
                  "no area normalisation", "Score"):
         assert word in " ".join(out.split())  # argparse wraps lines
+
+
+def test_evaluate_model_scores_what_predict_yields(tmp_path: Path) -> None:
+    """A model in memory (what a trial evaluates): predict runs it in eval mode on each test
+    image; evaluate_model scores exactly those predictions and keeps the first n_samples."""
+    import torch
+
+    from cascade.config import TrialConfig
+    from cascade.data.images import to_tensor, to_uint8
+    from cascade.data.testset import PairedTestSet
+    from cascade.evaluate import evaluate_model, predict
+    from cascade.uformer import Uformer
+
+    make_folders(tmp_path, size=32)
+    testset = PairedTestSet(tmp_path)
+    torch.manual_seed(0)
+    model = Uformer(img_size=32, embed_dim=8, depths=(1,) * 9).train()
+    items = list(predict(model, testset, torch.device("cpu")))
+    assert not model.training  # stochastic depth off while predicting
+    with torch.no_grad():
+        direct = to_uint8(model(to_tensor(testset[1].input)[None])[0, :3])
+    assert [stem for stem, *_ in items] == ["000000", "000001", "000002"]
+    assert np.array_equal(items[1][1], direct) and np.array_equal(items[1][2], testset[1].gt)
+    cfg = TrialConfig.from_dict({"protocol": "flare7k", "eval_workers": 0, "n_samples": 2})
+    per_image, samples = evaluate_model(model, testset, cfg, torch.device("cpu"))
+    pd.testing.assert_frame_equal(per_image, evaluate_arrays(items, protocol="flare7k", workers=0))
+    assert [stem for stem, _ in samples] == ["000000", "000001"]
+    assert np.array_equal(samples[1][1], direct)

@@ -8,22 +8,22 @@ from matplotlib.image import imread
 from test_collect import make_results_tree
 
 from reports.collect import load_sweep
-from reports.figures import delta_vs_lambda, metric_vs_lambda, qualitative, write_figures
-from reports.table1 import delta_frame, table1_frame
+from reports.figures import diff_vs_lambda, metric_vs_lambda, qualitative, write_figures
+from reports.table1 import diff_frame, table1_frame
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     sweep = load_sweep(make_results_tree(tmp_path_factory.mktemp("fig"), seeds=(0, 1)))
-    return sweep, table1_frame(sweep), delta_frame(sweep, n_resamples=200)
+    return sweep, table1_frame(sweep), diff_frame(sweep, n_resamples=200)
 
 
 @pytest.mark.slow
 def test_all_figures_written_as_png_and_pdf(built):
-    sweep, table, delta = built
+    sweep, table, diffs = built
     out = sweep.root / "figures"
-    written = write_figures(sweep, table, delta, out, anchor=(2, 0.6))
-    stems = ("metric_vs_lambda", "delta_vs_lambda", "qualitative")
+    written = write_figures(sweep, table, diffs, out, anchor=(2, 0.6))
+    stems = ("metric_vs_lambda", "diff_vs_lambda", "qualitative")
     assert sorted(p.name for p in written) == sorted(f"{s}.{e}" for s in stems for e in ("png", "pdf"))
     for path in written:
         assert path.stat().st_size > 1000
@@ -76,11 +76,11 @@ def test_sampled_lambdas_get_regular_ticks_and_stopped_cells_are_named(built):
     assert "no result (failed, stopped early or not run)" in labels
 
 
-def test_delta_markers_filled_only_where_ci_excludes_zero(built):
-    _, _, delta = built
-    fig = delta_vs_lambda(delta)
+def test_diff_markers_filled_only_where_ci_excludes_zero(built):
+    _, _, diffs = built
+    fig = diff_vs_lambda(diffs)
     ax = fig.axes[0]  # ΔPSNR, entire image
-    rows = delta[delta["metric"] == "psnr_entire"]
+    rows = diffs[diffs["metric"] == "psnr_entire"]
     points = [ln for ln in ax.get_lines() if ln.get_linestyle() == "None" and ln.get_marker() in "os"]
     filled = [ln for ln in points if ln.get_markerfacecolor() != "white"]
     hollow = [ln for ln in points if ln.get_markerfacecolor() == "white"]

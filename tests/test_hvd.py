@@ -14,10 +14,10 @@ import torch
 
 from cascade import distributed, hvd
 from cascade import train as T
-from cascade.base import ensure_base
 from cascade.config import TrialConfig
 from cascade.errors import UserError
 from cascade.model import CascadedFlareRemover
+from cascade.pretrain import ensure_base
 
 CHECK = Path(__file__).with_name("hvd_allreduce_check.py")
 needs_horovod = pytest.mark.skipif(not hvd.horovod_available(),

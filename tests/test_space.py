@@ -1,30 +1,14 @@
-"""cascade.space: search-space schema, cell expansion, trial ids, λ=0 dedupe, trial states."""
+"""orchestrator.space: search-space schema, cell expansion, trial ids, λ=0 dedupe."""
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
 
 import pytest
 
 from cascade.config import TrialConfig
 from cascade.errors import UserError
-from cascade.io import atomic_write_json
-from cascade.space import (
-    LAMBDA0_K,
-    SweepLock,
-    TrialStatus,
-    active_run,
-    format_duration,
-    load_space,
-    progress_line,
-    space_name,
-    sweep_eta,
-    trial_id,
-    trial_status,
-)
+from orchestrator.space import LAMBDA0_K, load_space, space_name, trial_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,53 +189,3 @@ def test_requires_names_the_flags_and_scientific_notation_reads_as_float(tmp_pat
     space = _load(tmp_path, GRID.replace("steps: 10", "steps: 10\n  lr: 1e-3"))
     assert space.cells[1].config.lr == 1e-3
     assert "cannot read search space" in str(pytest.raises(UserError, load_space, tmp_path / "no.yaml").value)
-
-
-# -- trial states on disk ---------------------------------------------------------------------------
-
-
-def test_trial_status_from_the_folder(tmp_path):
-    now = time.time()
-    t = tmp_path / "trials" / "k2-l0.6-s0-abc"
-    assert trial_status(t, None, now).state == "pending"
-    atomic_write_json(t / "progress.json", {"run_id": "r1", "step": 25, "steps": 100,
-                                            "started": now - 50})
-    running = trial_status(t, "r1", now)
-    assert (running.state, running.step, running.steps) == ("running", 25, 100)
-    assert running.elapsed_s == pytest.approx(50) and running.eta_s == pytest.approx(150)
-    assert trial_status(t, "r2", now).state == "interrupted"  # a heartbeat of an older run
-    atomic_write_json(t / "error.json", {"error": "RuntimeError: boom\nmore", "traceback": "", "step": 25})
-    failed = trial_status(t, "r1", now)  # failed in the live run
-    assert (failed.state, failed.error, failed.step) == ("failed", "RuntimeError: boom", 25)
-    atomic_write_json(t / "metrics.json", {"psnr_entire": 23.5, "wall_s": 70.0, "steps": 100})
-    done = trial_status(t, "r1", now)
-    assert (done.state, done.elapsed_s, done.metrics["psnr_entire"]) == ("done", 70.0, 23.5)
-
-
-def test_progress_line_and_eta():
-    statuses = [
-        TrialStatus("a", "done", elapsed_s=100.0, metrics={"psnr_entire": 23.1, "psnr_streak": 30.0}),
-        TrialStatus("b", "done", elapsed_s=60.0, metrics={"psnr_entire": 23.9, "psnr_streak": 29.0}),
-        TrialStatus("c", "running", step=50, steps=100, elapsed_s=40.0, eta_s=40.0),
-        TrialStatus("d", "failed", error="x"),
-        TrialStatus("e", "pending"),
-        TrialStatus("f", "interrupted", step=3),
-    ]
-    # mean duration (100 + 60 + 80) / 3 = 80; remaining 40 + 2 * 80 = 200 over 2 slots
-    assert sweep_eta(statuses, concurrency=2) == pytest.approx(100.0)
-    assert progress_line(statuses, 2, elapsed_s=125) == (
-        "2/6 done, 1 running, 1 failed, 2 pending | best PSNR entire 23.90 streak 30.00 | "
-        "elapsed 2m05s, ETA 1m40s")
-    assert sweep_eta([TrialStatus("e", "pending")], 1) is None
-    assert format_duration(59.6) == "1m00s" and format_duration(7500) == "2h05m"
-
-
-def test_sweep_lock_is_exclusive_and_marks_the_active_run(tmp_path):
-    assert active_run(tmp_path) is None
-    with SweepLock(tmp_path, "run-a"):
-        assert active_run(tmp_path) == "run-a"
-        run = json.loads((tmp_path / "run.json").read_text())
-        assert run["pid"] == os.getpid()
-        with pytest.raises(UserError, match="in use by another `sweep.py run`"):
-            SweepLock(tmp_path, "run-b").__enter__()
-    assert active_run(tmp_path) is None

@@ -7,6 +7,7 @@ for real (2 CPUs); the trial processes import this module by name (PYTHONPATH=te
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -14,16 +15,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 import sweep
 from cascade.io import atomic_write_json, read_json
-from cascade.space import load_space
+from orchestrator.space import TOP_KEYS, load_space
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-FAKE_TRAIN, FAKE_PREPARE = "test_sweep:fake_train", "test_sweep:fake_base"
 
 
 # -- the fake trainer (runs inside Ray trial processes) ------------------------------------------
@@ -74,59 +76,59 @@ def fake_base(cfg) -> Path:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-MINI = """\
-# A reduced demo grid for the sweep tests.
-name: mini
-grid:
-  k: [1, 2]
-  lambda_: [1.0, 0.0]
-fixed:
-  steps: 6
-  log_every: 2
-  checkpoint_every: 2
-  encoder: small_cpu
-  encoder_pretrained: false
-reference: true
-seeds: [0]
-resources: {cpu: 1, gpu: 0}
-max_concurrent: 2
-max_failures: 0
-"""
-
+# A reduced demo grid for the sweep tests. Spaces are built from dicts (`_variant`), so a change
+# that no longer applies fails loudly instead of silently testing the unchanged space.
+MINI: dict[str, Any] = {
+    "name": "mini",
+    "grid": {"k": [1, 2], "lambda_": [1.0, 0.0]},
+    "fixed": {"steps": 6, "log_every": 2, "checkpoint_every": 2, "encoder": "small_cpu",
+              "encoder_pretrained": False},
+    "reference": True, "seeds": [0], "resources": {"cpu": 1, "gpu": 0},
+    "max_concurrent": 2, "max_failures": 0,
+}
 
 # An Optuna search over lambda_ and margin, early-stopped by ASHA, on the fake trainer.
-SEARCH = MINI.split("grid:")[0] + """\
-fixed:
-  k: 2
-  steps: 6
-  log_every: 2
-  checkpoint_every: 2
-reference: true
-seeds: [0]
-resources: {cpu: 1}
-max_concurrent: 2
-search:
-  algorithm: optuna
-  metric: psnr_entire
-  mode: max
-  num_samples: 3
-  seed: 1
-  params:
-    lambda_: {uniform: [0.0, 1.0]}
-    margin: {loguniform: [0.01, 1.0]}
-  scheduler:
-    asha: {grace_period: 2, reduction_factor: 2}
-"""
+SEARCH: dict[str, Any] = {
+    "name": "mini",
+    "fixed": {"k": 2, "steps": 6, "log_every": 2, "checkpoint_every": 2},
+    "reference": True, "seeds": [0], "resources": {"cpu": 1}, "max_concurrent": 2,
+    "search": {"algorithm": "optuna", "metric": "psnr_entire", "mode": "max", "num_samples": 3,
+               "seed": 1, "params": {"lambda_": {"uniform": [0.0, 1.0]},
+                                     "margin": {"loguniform": [0.01, 1.0]}},
+               "scheduler": {"asha": {"grace_period": 2, "reduction_factor": 2}}},
+}
 
 
-def _space(tmp_path: Path, text: str = MINI, name: str = "space.yaml"):
+def _variant(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """`base` with top-level keys replaced; `grid`, `fixed` and `search` are merged one level deep
+    (a value of None removes the key). Every merged key must exist or be new on purpose."""
+    space = copy.deepcopy(base)
+    for key, value in changes.items():
+        if key in ("grid", "fixed", "search") and isinstance(value, dict):
+            for sub, v in value.items():
+                if v is None:
+                    del space[key][sub]  # KeyError if it was not there
+                else:
+                    space[key][sub] = v
+        elif value is None:
+            del space[key]
+        else:
+            space[key] = value
+    return space
+
+
+def _write(tmp_path: Path, space: dict[str, Any], name: str = "space.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(text)
-    return load_space(path)
+    path.write_text("# A reduced demo grid for the sweep tests.\n" + yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def _space(tmp_path: Path, space: dict[str, Any] = MINI, name: str = "space.yaml"):
+    return load_space(_write(tmp_path, space, name))
 
 
 def _opts(tmp_path: Path, **changes) -> sweep.RunOptions:
-    return sweep.RunOptions(results=tmp_path / "results", train_fn=FAKE_TRAIN, prepare=FAKE_PREPARE,
+    return sweep.RunOptions(results=tmp_path / "results", train_fn=fake_train, prepare=(fake_base,),
                             **changes)
 
 
@@ -172,7 +174,7 @@ def test_grid_runs_every_cell_then_resume_skips_and_new_cells_run_alone(ray_sess
     assert "nothing to run" in capsys.readouterr().out
 
     # A cell added to the space runs alone.
-    bigger = _space(tmp_path, MINI.replace("lambda_: [1.0, 0.0]", "lambda_: [1.0, 0.5, 0.0]"))
+    bigger = _space(tmp_path, _variant(MINI, grid={"lambda_": [1.0, 0.5, 0.0]}))
     assert sweep.run_sweep(bigger, _opts(tmp_path)).left == 0
     new = _calls(tmp_path)[len(calls):]
     assert sorted(line.split()[0] for line in new) == sorted(
@@ -186,8 +188,8 @@ def test_grid_runs_every_cell_then_resume_skips_and_new_cells_run_alone(ray_sess
 
 @pytest.mark.slow
 def test_failed_trial_is_recorded_and_retried_interrupted_one_resumes(ray_session, tmp_path):
-    space = _space(tmp_path, MINI.replace("lambda_: [1.0, 0.0]", "lambda_: [1.0]").replace(
-        "reference: true", "reference: false").replace("steps: 6", "steps: 6\n  fail_at_step: 5"))
+    space = _space(tmp_path, _variant(MINI, grid={"lambda_": [1.0]}, reference=False,
+                                      fixed={"fail_at_step": 5}))
     sweep_dir = tmp_path / "results" / "mini"
     assert sweep.run_sweep(space, _opts(tmp_path)).left == 2
     lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results")
@@ -205,8 +207,7 @@ def test_failed_trial_is_recorded_and_retried_interrupted_one_resumes(ray_sessio
     assert (sweep_dir / "trials" / space.cells[0].trial_id / "error.previous.json").is_file()
 
     # A trial whose process dies is failed with a message, then resumes from its checkpoint.
-    ok = _space(tmp_path, MINI.replace("lambda_: [1.0, 0.0]", "lambda_: [0.5]").replace(
-        "reference: true", "reference: false"), name="ok.yaml")
+    ok = _space(tmp_path, _variant(MINI, grid={"lambda_": [0.5]}, reference=False), name="ok.yaml")
     victim = ok.cells[0].trial_id
     (sweep_dir / f"crash-{victim}").touch()
     assert sweep.run_sweep(ok, _opts(tmp_path)).left == 1
@@ -219,8 +220,7 @@ def test_failed_trial_is_recorded_and_retried_interrupted_one_resumes(ray_sessio
 
 @pytest.mark.slow
 def test_interrupted_trial_continues_from_its_checkpoint(ray_session, tmp_path):
-    space = _space(tmp_path, MINI.replace("k: [1, 2]", "k: [2]").replace(
-        "lambda_: [1.0, 0.0]", "lambda_: [0.6]").replace("reference: true", "reference: false"))
+    space = _space(tmp_path, _variant(MINI, grid={"k": [2], "lambda_": [0.6]}, reference=False))
     tid = space.cells[0].trial_id
     tdir = tmp_path / "results" / "mini" / "trials" / tid
     # What a killed run leaves: a checkpoint and a stale heartbeat of another run.
@@ -234,8 +234,7 @@ def test_interrupted_trial_continues_from_its_checkpoint(ray_session, tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_records_its_trials_and_resumes(ray_session, tmp_path):
-    text = SEARCH
-    space = _space(tmp_path, text)
+    space = _space(tmp_path, SEARCH)
     left = sweep.run_sweep(space, _opts(tmp_path)).left
     sweep_dir = tmp_path / "results" / "mini"
     plan = read_json(sweep_dir / "sweep.json")
@@ -248,7 +247,7 @@ def test_optuna_search_records_its_trials_and_resumes(ray_session, tmp_path):
     assert len(_calls(tmp_path)) == 4
 
     # Asking for more samples runs only the new ones (warm-started from the finished three).
-    more = _space(tmp_path, text.replace("num_samples: 3", "num_samples: 4"))
+    more = _space(tmp_path, _variant(SEARCH, search={"num_samples": 4}))
     assert sweep.run_sweep(more, _opts(tmp_path)).left == 0
     assert len(_calls(tmp_path)) == 5
     assert len([c for c in read_json(sweep_dir / "sweep.json")["cells"] if "sampled" in c]) == 4
@@ -259,10 +258,9 @@ def test_asha_stops_trials_that_report_a_worse_metric_while_training(ray_session
     # One trial at a time, so each reaches ASHA's rung (step 2) after the previous ones. The fake
     # reports psnr_entire growing with lambda_ at every log step (as train() does with eval_every).
     # Sampler seeds 0-5 all give 2-4 stopped trials of 6, so this does not hinge on seed 3.
-    text = (SEARCH.replace("reference: true", "reference: false")
-            .replace("max_concurrent: 2", "max_concurrent: 1").replace("num_samples: 3", "num_samples: 6")
-            .replace("seed: 1", "seed: 3").replace("    margin: {loguniform: [0.01, 1.0]}\n", ""))
-    space = _space(tmp_path, text)
+    space = _space(tmp_path, _variant(
+        SEARCH, reference=False, max_concurrent=1,
+        search={"num_samples": 6, "seed": 3, "params": {"lambda_": {"uniform": [0.0, 1.0]}}}))
     assert sweep.run_sweep(space, _opts(tmp_path)).left == 0
     sweep_dir = tmp_path / "results" / "mini"
     cells = [c for c in read_json(sweep_dir / "sweep.json")["cells"] if "sampled" in c]
@@ -290,10 +288,15 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subproces
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+# `sweep.py` as a process, with the fake trainer and base: main() takes them as arguments, and the
+# trial processes import this module by name (PYTHONPATH=tests/).
+FAKE_MAIN = ("import sys, sweep, test_sweep; sys.exit(sweep.main(sys.argv[1:], "
+             "train_fn=test_sweep.fake_train, prepare=(test_sweep.fake_base,)))")
+
+
 def test_unreachable_ray_address_is_a_one_line_error(tmp_path):
-    (tmp_path / "space.yaml").write_text(MINI)
-    env = {"RAY_ADDRESS": "127.0.0.1:1", sweep.TRAIN_FN_ENV: FAKE_TRAIN, sweep.PREPARE_ENV: FAKE_PREPARE,
-           "PYTHONPATH": str(TESTS)}
+    _write(tmp_path, MINI)
+    env = {"RAY_ADDRESS": "127.0.0.1:1"}
     start = time.time()
     proc = _cli("run", "--space", str(tmp_path / "space.yaml"), "--results", str(tmp_path / "r"),
                 "--connect-timeout", "5", env=env)
@@ -304,11 +307,11 @@ def test_unreachable_ray_address_is_a_one_line_error(tmp_path):
 
 
 def test_schema_errors_exit_2_with_one_line(tmp_path):
-    (tmp_path / "bad.yaml").write_text(MINI.replace("max_failures: 0", "max_failure: 0"))
+    _write(tmp_path, _variant(MINI, max_failures=None, max_failure=0), "bad.yaml")
     proc = _cli("run", "--space", str(tmp_path / "bad.yaml"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: {tmp_path / 'bad.yaml'}: unknown key 'max_failure'; "
-                                   "expected one of " + ", ".join(__import__("cascade.space").space.TOP_KEYS))
+                                   "expected one of " + ", ".join(TOP_KEYS))
     proc = _cli("run", "--space", "search_spaces/table1.yaml")
     assert proc.returncode == 2 and "needs --data DIR and --checkpoint PATH" in proc.stderr
 
@@ -325,12 +328,10 @@ def test_help_of_each_subcommand(tmp_path):
 
 @pytest.mark.slow
 def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path):
-    (tmp_path / "space.yaml").write_text(MINI.replace("steps: 6", "steps: 400").replace(
-        "reference: true", "reference: false"))
-    env = {sweep.TRAIN_FN_ENV: FAKE_TRAIN, sweep.PREPARE_ENV: FAKE_PREPARE, "PYTHONPATH": str(TESTS),
-           "FAKE_STEP_S": "0.05"}
+    _write(tmp_path, _variant(MINI, fixed={"steps": 400}, reference=False))
+    env = {"PYTHONPATH": str(TESTS), "FAKE_STEP_S": "0.05"}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "sweep.py"), "run", "--space", str(tmp_path / "space.yaml"),
+        [sys.executable, "-c", FAKE_MAIN, "run", "--space", str(tmp_path / "space.yaml"),
          "--results", str(tmp_path / "results"), "--cpus", "2"],
         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, **env})

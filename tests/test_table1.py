@@ -1,4 +1,4 @@
-"""reports.table1: Table 1 CSV/LaTeX, deltas, paper side by side, build_reports and the CLI."""
+"""reports.table1: Table 1 CSV/LaTeX, differences, paper side by side, build_reports and the CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from reports import build_reports
 from reports.collect import METRICS, load_sweep
 from reports.table1 import (
     caption_text,
-    delta_frame,
+    diff_frame,
     main,
     paper_vs_ours,
     read_paper,
@@ -149,14 +149,14 @@ def test_latex_compiles(sweep, tmp_path):
     assert run.returncode == 0, run.stdout[-2000:]
 
 
-def test_delta_ci_finds_the_built_in_effects(sweep):
-    delta = delta_frame(sweep, n_resamples=500).set_index(["k", "lambda_", "metric"])
-    big = delta.loc[(2, 1.0, "psnr_entire")]  # every image +0.30 dB, noise sd 0.05
+def test_diff_ci_finds_the_built_in_effects(sweep):
+    diffs = diff_frame(sweep, n_resamples=500).set_index(["k", "lambda_", "metric"])
+    big = diffs.loc[(2, 1.0, "psnr_entire")]  # every image +0.30 dB, noise sd 0.05
     assert big["ci_low"] < 0.30 < big["ci_high"] and big["excludes_zero"]
     assert big["n_images"] == 12 and big["n_seeds"] == 2
-    ssim = delta.loc[(2, 0.6, "ssim_glare")]  # -0.20 x 0.01 per image
+    ssim = diffs.loc[(2, 0.6, "ssim_glare")]  # -0.20 x 0.01 per image
     assert ssim["diff"] == pytest.approx(-0.002, abs=5e-4) and ssim["excludes_zero"]
-    zero = delta.loc[(1, 0.0, "psnr_entire")]  # λ=0: no effect, noise only
+    zero = diffs.loc[(1, 0.0, "psnr_entire")]  # λ=0: no effect, noise only
     assert zero["ci_low"] < 0 < zero["ci_high"] and not zero["excludes_zero"]
 
 
@@ -179,11 +179,11 @@ def test_build_reports_writes_everything_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr("reports.figures.write_figures", lambda *a, **k: [])  # figures: own tests
     written = build_reports(sweep_dir)
     names = sorted(p.name for p in written)
-    assert names == ["delta.csv", "delta.tex", "paper_vs_ours.csv", "table1.csv", "table1.tex"]
+    assert names == ["diff.csv", "diff.tex", "paper_vs_ours.csv", "table1.csv", "table1.tex"]
     assert all(p.stat().st_size > 0 for p in written)
     assert not list(sweep_dir.glob(".*tmp"))  # no temporary file left behind
     assert "paper_vs_ours.csv" not in [p.name for p in build_reports(sweep_dir, paper=False)]
-    delta_tex = (sweep_dir / "delta.tex").read_text()
+    delta_tex = (sweep_dir / "diff.tex").read_text()
     assert re.search(r"\$\+0\.3\d\$\\,\{\\scriptsize\$\[\+0\.\d\d, \+0\.\d\d\]\$\}\$\^\{\\ast\}\$", delta_tex)
 
 

@@ -1,4 +1,5 @@
-"""Tests for cascade.data.testset: pairing by stem and every bad-input case's UserError."""
+"""Tests for cascade.data.testset: pairing by stem, every bad-input case's UserError, and the
+procedural test set of a trial (cache key, one build, given folders)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cascade.config import TrialConfig
+from cascade.data import testset
 from cascade.data.images import write_png
-from cascade.data.testset import PairedTestSet, pair_key
+from cascade.data.testset import PairedTestSet
 from cascade.errors import UserError
 
 
@@ -49,8 +52,14 @@ def test_flare7k_style_prefixes_pair(tmp_path: Path) -> None:
     root = _make(tmp_path, ["000001", "000000"], prefixed=True)
     ts = PairedTestSet(root)
     assert ts.stems == ["000000", "000001"]
-    assert pair_key("input/input_000001.png", "input") == "000001"
-    assert pair_key("gt/input_000001.png", "gt") == "input_000001"
+    assert ts.path(0, "gt").name == "gt_000000.png"  # the rule itself: tests/test_io.py
+
+
+def test_same_stems_everywhere_pair_as_they_are(tmp_path: Path) -> None:
+    # One rule with cascade.metrics: identical stems are the keys, prefix or not.
+    for folder in ("input", "gt", "mask"):
+        write_png(tmp_path / folder / "gt_a.png", _mask() if folder == "mask" else _img(3))
+    assert PairedTestSet(tmp_path).stems == ["gt_a"]
 
 
 def test_missing_root_and_folder(tmp_path: Path) -> None:
@@ -121,3 +130,51 @@ def test_grayscale_converted_with_warning(tmp_path: Path) -> None:
         ts = PairedTestSet(tmp_path)
     with pytest.warns(UserWarning):
         assert ts[0].gt.shape == (6, 8, 3) and int(ts[0].gt[3, 3, 1]) == 77
+
+
+def cfg_for(tmp_path: Path, **changes) -> TrialConfig:
+    return TrialConfig.from_dict({"base_cache": str(tmp_path), "embed_dim": 8, "depth": 1, "crop": 32,
+                                  "batch_size": 2, "base_steps": 2, "n_test": 2, "test_size": 32,
+                                  **changes})
+
+
+def test_test_key_ignores_trial_fields_and_follows_test_fields(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cfg_for(tmp_path)
+    assert testset.test_key(cfg) == testset.test_key(cfg.replace(seed=3, crop=64))
+    assert testset.test_key(cfg) != testset.test_key(cfg.replace(n_test=3))
+    import cascade.data.synthetic as synthetic
+
+    # Computed with cascade.base.test_key before the move: cached test sets stay valid.
+    monkeypatch.setattr(synthetic, "GENERATOR", "cascade.data.synthetic/2")
+    assert testset.test_key(TrialConfig()) == "ff01232eb803"
+
+
+def test_procedural_test_set_is_built_once_in_the_testset_layout(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cfg_for(tmp_path)
+    root = testset.ensure_test_data(cfg)
+    assert sorted(p.name for p in (root / "input").iterdir()) == ["000000.png", "000001.png"]
+    assert {p.name for p in root.iterdir()} >= {"input", "gt", "mask"}
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    import cascade.data.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "generate_dataset", lambda *a, **k: pytest.fail("regenerated"))
+    assert testset.ensure_test_data(cfg.replace(seed=9)) == root
+    assert len(PairedTestSet(root)) == 2
+
+
+def test_given_test_folders_are_used_as_is_or_refused_clearly(tmp_path: Path) -> None:
+    assert testset.ensure_test_data(cfg_for(tmp_path, test_data=str(tmp_path))) == tmp_path.resolve()
+    with pytest.raises(UserError, match="test_data/real"):
+        testset.ensure_test_data(cfg_for(tmp_path, data=str(tmp_path), backgrounds=str(tmp_path)))
+
+
+def test_a_new_data_generator_version_invalidates_the_test_set(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import cascade.data.synthetic as synthetic
+
+    cfg = cfg_for(tmp_path)
+    before = testset.test_key(cfg)
+    monkeypatch.setattr(synthetic, "GENERATOR", "cascade.data.synthetic/999", raising=False)
+    assert testset.test_key(cfg) != before

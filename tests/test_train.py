@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
+from cascade import distributed
 from cascade import train as T
-from cascade.base import ensure_base, ensure_test_data
 from cascade.config import TrialConfig
 from cascade.data.images import to_tensor, to_uint8
-from cascade.data.testset import PairedTestSet
+from cascade.data.testset import PairedTestSet, ensure_test_data
 from cascade.metrics import evaluate_arrays, summarize
 from cascade.model import CascadedFlareRemover
+from cascade.pretrain import ensure_base
 from cascade.uformer import load_checkpoint
 
 TINY = dict(embed_dim=8, depth=1, base_steps=2, crop=32, batch_size=2, n_test=2, test_size=32,
@@ -177,6 +178,35 @@ def test_two_ddp_workers_give_the_same_results_structure(cache, tmp_path):
     assert abs(double["final_loss"] - single["final_loss"]) < 0.1 * single["final_loss"]
 
 
+def _anchor_after(cfg: TrialConfig, base_path: str, backend: str = "none", workers: int = 1
+                  ) -> torch.Tensor:
+    """The anchor's parameters, flat, after `cfg.steps` steps of the trainer's rank body on
+    `workers` ranks, stochastic depth off (its masks are drawn per rank: the one thing a single
+    process cannot reproduce)."""
+    stats = distributed.launch(backend, workers, T._train_rank, (cfg, base_path, None, None, 0.0))
+    anchor = CascadedFlareRemover.from_checkpoint(base_path, drop_path_rate=0.0).anchor
+    anchor.load_state_dict(stats["anchor"])
+    return torch.cat([p.detach().reshape(-1) for p in anchor.parameters()])
+
+
+@pytest.mark.slow
+def test_one_ddp_step_on_two_ranks_equals_one_process_on_the_whole_batch(cache):
+    # lambda_=0.6: every loss term, the encoder's too; a large lr so that the step is no rounding error
+    cfg = tiny(cache, steps=1, log_every=1, lr=0.5)
+    base_path = str(ensure_base(cfg))
+    start = torch.cat([p.detach().reshape(-1) for p in load_checkpoint(base_path).parameters()])
+    single = _anchor_after(cfg, base_path) - start
+    double = _anchor_after(cfg.replace(backend="ddp", workers=2), base_path, "ddp", 2) - start
+    # Each rank averages its half, DDP averages the ranks: the full-batch mean, summed in another
+    # order, so equal to rounding (float32), not bit for bit.
+    scale = single.abs().max().item()  # measured: 0.017; the ranks differ from it by <= 1e-8
+    atol = 1e-5 * scale
+    torch.testing.assert_close(double, single, rtol=1e-4, atol=atol)
+    # The tolerance is far tighter than a wrong gradient: rank 0's half of the batch alone.
+    half = _anchor_after(cfg.replace(batch_size=1), base_path) - start
+    assert scale > 1e-3 and (half - single).abs().max().item() > 100 * atol
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_channels_last_trial_matches_the_cpu_structure(cache, tmp_path):
@@ -199,13 +229,6 @@ def test_cli_rejects_a_misspelt_key_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err
     assert "lamda_" in err and "did you mean 'lambda_'" in err
-
-
-def test_load_config_applies_overrides_as_yaml(tmp_path):
-    config = tmp_path / "trial.json"
-    config.write_text(json.dumps({"k": 1, "steps": 5}))
-    cfg = T.load_config(config, ["lambda_=0.2", "encoder_pretrained=false", "checkpoint=null"])
-    assert (cfg.k, cfg.steps, cfg.lambda_, cfg.encoder_pretrained) == (1, 5, 0.2, False)
 
 
 def test_step_seeds_differ_by_step_and_rank_and_batches_are_disjoint():

@@ -1,8 +1,11 @@
-"""Paired test folders (`input/ gt/ mask/`), paired by file stem and validated up front.
+"""Paired test folders (`input/ gt/ mask/`), paired by file stem and validated up front, and the
+test set a trial is evaluated on (`ensure_test_data`).
 
-Pairing is by stem, never by sort order (Flare7K's evaluation globbed each folder separately and
-could mis-pair files). A leading `<folder>_` is ignored when pairing, so both `input/000001.png`
-and Flare7K-style `input/input_000001.png` pair with `gt/gt_000001.png` and `mask/000001.png`.
+Pairing is `cascade.io.pair_images`, the one rule shared with `cascade.metrics.evaluate_dirs`: by
+stem, never by sort order (Flare7K's evaluation globbed each folder separately and could mis-pair
+files). Unless every folder holds the same stems, a leading `<folder>_` is ignored, so both
+`input/000001.png` and Flare7K-style `input/input_000001.png` pair with `gt/gt_000001.png` and
+`mask/000001.png`.
 
 Every problem a user can fix is a `UserError` naming the file or folder: missing or empty folder,
 unmatched stems, duplicate stems, size mismatch, unreadable/truncated image, unexpected mask
@@ -12,22 +15,39 @@ Mask colours: Flare7K's evaluation reads masks as soft weights, so antialiased b
 legitimate. A mask pixel is accepted if it is a blend of the four Flare7K colours, i.e. inside
 their convex hull: G <= R (streak weight >= 0) and R + B <= 255 (weights sum to <= 1), each with
 `MASK_TOLERANCE` levels of slack for lossy re-encoding. White, green, cyan, magenta... are errors.
+
+`ensure_test_data(cfg)`: `cfg.test_data`, else `<data>/test_data/real` for Flare7K data, else a
+procedural test set (`cascade.data.synthetic`, seed `TEST_SEED`) cached under
+`<cache>/testsets/<name>-<hash>/`, the hash covering `config.TEST_FIELDS` and the generator
+version. It is built under an `io.file_lock` and published with one folder rename, so concurrent
+trials share one build and a build killed half-way leaves nothing that looks finished. The fixed
+seed means every trial of a sweep, whatever its seed, is scored on the same images, none of them
+shared with its training data.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cascade.config import TEST_FIELDS
+from cascade.data import synthetic
 from cascade.data.images import read_rgb
 from cascade.errors import UserError
-from cascade.io import IMAGE_SUFFIXES, image_files
+from cascade.io import cache_dir, digest, file_lock, list_images, pair_images
+
+if TYPE_CHECKING:
+    from cascade.config import TrialConfig
 
 FOLDERS = ("input", "gt", "mask")
 MASK_TOLERANCE = 8  # 8-bit levels of slack on the convex-hull test (lossy masks)
+TEST_SEED = 2000  # procedural test set
 
 
 @dataclass(frozen=True)
@@ -40,28 +60,6 @@ class TestItem:
     input: np.ndarray
     gt: np.ndarray
     mask: np.ndarray
-
-
-def pair_key(path: str | os.PathLike, folder: str) -> str:
-    """Pairing key of an image file: its stem without a leading `<folder>_`."""
-    stem = Path(path).stem
-    prefix = f"{folder}_"
-    return stem[len(prefix):] if stem.startswith(prefix) and len(stem) > len(prefix) else stem
-
-
-def list_images(folder: Path) -> dict[str, Path]:
-    """Pairing key -> image file for every image in `folder` (not recursive)."""
-    if not folder.is_dir():
-        raise UserError(f"{folder}: missing folder")
-    found: dict[str, Path] = {}
-    for path in image_files(folder):
-        key = pair_key(path, folder.name)
-        if key in found:
-            raise UserError(f"{path}: same stem as {found[key].name}; pairing would be ambiguous")
-        found[key] = path
-    if not found:
-        raise UserError(f"{folder}: no images (expected {', '.join(IMAGE_SUFFIXES)})")
-    return found
 
 
 def check_mask(mask: np.ndarray, path: str | os.PathLike) -> None:
@@ -91,7 +89,11 @@ class PairedTestSet:
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"{self.root}: test set folder does not exist")
-        files = {name: list_images(self.root / name) for name in FOLDERS}
+        for name in FOLDERS:
+            if not (self.root / name).is_dir():
+                raise UserError(f"{self.root / name}: missing folder (a test set holds "
+                                f"{'/ '.join(FOLDERS)}/)")
+        files = pair_images({name: list_images(self.root / name) for name in FOLDERS})
         keys = set(files["input"])
         for name in FOLDERS:
             for other in FOLDERS:
@@ -128,3 +130,41 @@ class PairedTestSet:
                 )
         check_mask(images["mask"], paths["mask"])
         return TestItem(stem=stem, input=images["input"], gt=images["gt"], mask=images["mask"])
+
+
+# -- the test set of a trial ------------------------------------------------------------------------
+
+
+def test_key(cfg: TrialConfig) -> str:
+    """Cache key of the procedural test set."""
+    return digest({k: getattr(cfg, k) for k in TEST_FIELDS} | {"test_seed": TEST_SEED,
+                                                               "generator": synthetic.GENERATOR})
+
+
+def ensure_test_data(cfg: TrialConfig) -> Path:
+    """Folder with `input/ gt/ mask/` the trial is evaluated on (see the module docstring)."""
+    if cfg.test_data is not None:
+        path = Path(cfg.test_data).expanduser()
+        if not path.is_dir():
+            raise UserError(f"test_data={cfg.test_data!r}: no such folder")
+        return path.resolve()
+    if cfg.data is not None:
+        real = Path(cfg.data).expanduser() / "test_data" / "real"
+        if real.is_dir():
+            return real.resolve()
+        raise UserError(f"data={cfg.data!r} has no test_data/real folder; set test_data to the "
+                        "folder with input/ gt/ mask/ to evaluate on")
+    root = cache_dir(cfg.base_cache) / "testsets"
+    target = root / f"procedural-n{cfg.n_test}-s{cfg.test_size}-{test_key(cfg)}"
+    if target.is_dir():
+        return target
+    with file_lock(target.with_suffix(".lock")):
+        if not target.is_dir():
+            # Build beside the target, publish with one rename: a half-written set is never seen.
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+            try:
+                synthetic.generate_dataset(tmp, n=cfg.n_test, size=cfg.test_size, seed=TEST_SEED)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -28,18 +28,14 @@ the fields that change its results): `k2-l0.6-s0-1a2b3c4d`, `ref-s0-...`. With l
 L_REG term vanishes, so k is irrelevant: both k cells run one trial (k set to `LAMBDA0_K`) and the
 plan files it under both rows.
 
-Pure Python, no Ray: sweep.py turns a `SweepSpace` into Ray Tune calls.
+Pure Python, no torch, no Ray: sweep.py turns a `SweepSpace` into Ray Tune calls.
 """
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import math
-import os
 import re
-import socket
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -47,9 +43,9 @@ from typing import Any
 
 import yaml
 
-from cascade.config import TrialConfig
+from cascade.config import ID_FIELDS, PATH_FIELDS, TrialConfig
 from cascade.errors import UserError
-from cascade.io import atomic_write_json, read_json
+from cascade.io import parse_yaml
 
 TOP_KEYS = ("name", "grid", "fixed", "reference", "seeds", "requires", "resources",
             "max_concurrent", "max_failures", "search")
@@ -65,13 +61,6 @@ SCHEDULERS = ("asha",)
 # Command-line flags that fill `requires` fields, for the error message.
 REQUIRE_FLAGS = {"data": "--data DIR", "checkpoint": "--checkpoint PATH",
                  "backgrounds": "--backgrounds DIR", "test_data": "--test-data DIR"}
-# TrialConfig fields that hold paths: made absolute, because trials run in other directories.
-PATH_FIELDS = ("checkpoint", "data", "backgrounds", "test_data", "base_cache", "encoder_weights")
-# Fields that change how a trial runs but not what it computes; left out of the trial id, so
-# e.g. a different checkpoint interval resumes the same trial instead of starting a new one.
-RUNTIME_ONLY = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache",
-                "eval_every")
-ID_KEYS = tuple(sorted(f.name for f in fields(TrialConfig) if f.name not in RUNTIME_ONLY))
 LAMBDA0_K = 1  # the k a lambda_ = 0 trial is run with (any k gives the same loss)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -166,11 +155,11 @@ def distinct_trials(cells: Iterable[Cell]) -> list[Cell]:
 def trial_id(cfg: TrialConfig) -> str:
     """Stable, readable id of a trial: `k2-l0.6-s0-<hash>` / `ref-s0-<hash>`.
 
-    The hash covers every field but RUNTIME_ONLY, so the same resolved config always maps to the
+    The hash covers `config.ID_FIELDS` (every field but the runtime ones), so the same resolved config always maps to the
     same results folder, and any change that alters results maps to a new one.
     """
     prefix = f"ref-s{cfg.seed}" if cfg.kind == "reference" else f"k{cfg.k}-l{cfg.lambda_:.3g}-s{cfg.seed}"
-    return f"{prefix}-{cfg.digest(ID_KEYS)[:8]}"
+    return f"{prefix}-{cfg.digest(ID_FIELDS)[:8]}"
 
 
 def cell_for(cfg: TrialConfig, k: int | None = None) -> Cell:
@@ -308,26 +297,6 @@ def _name(raw: dict[str, Any], where: str) -> str:
     return name
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads `1e-3` as a float (YAML 1.1 reads a str)."""
-
-
-def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
-    for key in keys:
-        if keys.count(key) > 1:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", node.start_mark)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
 def _read_yaml(path: Path) -> tuple[dict[str, Any], str]:
     """(mapping, top comment) of a space file; UserError when missing, unparsable or uncommented."""
     try:
@@ -335,7 +304,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], str]:
     except OSError as exc:
         raise UserError(f"{path}: cannot read search space ({exc.strerror or exc})") from None
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -499,169 +468,3 @@ def _param(name: str, spec: Any, fixed: dict[str, Any], where: str) -> Param:
     for value in (args if dist != "randint" else (args[0], args[1] - 1)):
         TrialConfig.from_dict({**fixed, name: value}, where=where)
     return Param(name=name, distribution=dist, args=tuple(args))
-
-
-# -- where each trial stands: results/<sweep>/trials/<trial_id>/ ------------------------------
-# The results folder is the record (docs/design.md, "Results on disk"); Ray's experiment state is
-# not consulted. Besides the documented files, the orchestrator keeps two small ones:
-#   progress.json  {"run_id", "step", "steps", "started", "updated", "host", "pid"}: heartbeat
-#   stopped.json   {"reason", "step"}: ended early by the scheduler (ASHA), will not be resumed
-# and results/<sweep>/run.json {"run_id", "pid", "host", "started"} beside the lock file `.lock`
-# that a running `sweep.py run` holds.
-
-STATES = ("done", "running", "failed", "stopped", "interrupted", "pending")
-
-
-@dataclass(frozen=True)
-class TrialStatus:
-    """Where one trial stands, read from its folder."""
-
-    trial_id: str
-    state: str  # one of STATES
-    error: str | None = None  # first line of error.json's "error" (state "failed")
-    step: int | None = None  # last reported step
-    steps: int | None = None  # steps the trial runs
-    elapsed_s: float | None = None  # wall time so far (done: the trial's own wall_s)
-    eta_s: float | None = None  # running: remaining time at its current pace
-    # metrics.json (state "done"); the last reported test metrics (state "stopped", if any)
-    metrics: dict[str, Any] | None = None
-
-
-def trial_status(trial_dir: Path, active_run: str | None, now: float) -> TrialStatus:
-    """State of the trial in `trial_dir`; `active_run` is the run id of a live `sweep.py run`."""
-    tid = trial_dir.name
-    metrics = _read_json_or_none(trial_dir / "metrics.json")
-    if metrics is not None:
-        return TrialStatus(tid, "done", elapsed_s=_number(metrics.get("wall_s")),
-                           steps=_number(metrics.get("steps")), metrics=metrics)
-    progress = _read_json_or_none(trial_dir / "progress.json") or {}
-    step, steps = _number(progress.get("step")), _number(progress.get("steps"))
-    # A retry moves error.json aside and deletes stopped.json when it starts, so either file
-    # belongs to the trial's last attempt, even one of the live run.
-    if (trial_dir / "error.json").exists():
-        error = _read_json_or_none(trial_dir / "error.json") or {}
-        text = str(error.get("error") or "").strip()
-        first = text.splitlines()[0] if text else "unknown error (unreadable error.json)"
-        return TrialStatus(tid, "failed", error=first, step=_number(error.get("step")), steps=steps)
-    if (trial_dir / "stopped.json").exists():
-        stopped = _read_json_or_none(trial_dir / "stopped.json") or {}
-        return TrialStatus(tid, "stopped", step=step, steps=steps,
-                           metrics=stopped.get("metrics") if isinstance(stopped, dict) else None)
-    if active_run is not None and progress.get("run_id") == active_run:
-        elapsed = now - float(progress.get("started", now))
-        eta = elapsed * (steps - step) / step if step and steps else None
-        return TrialStatus(tid, "running", step=step, steps=steps, elapsed_s=elapsed, eta_s=eta)
-    if progress or any((trial_dir / "checkpoints").glob("*")):
-        return TrialStatus(tid, "interrupted", step=step, steps=steps)
-    return TrialStatus(tid, "pending")
-
-
-def sweep_statuses(sweep_dir: Path, trial_ids: list[str], now: float) -> list[TrialStatus]:
-    """`trial_status` of every id (in order), against the run currently holding the sweep."""
-    run = active_run(sweep_dir)
-    return [trial_status(sweep_dir / "trials" / tid, run, now) for tid in trial_ids]
-
-
-def progress_line(statuses: list[TrialStatus], concurrency: int, elapsed_s: float | None = None) -> str:
-    """One line a person can follow: counts, best-so-far PSNR per region, elapsed and ETA."""
-    counts = {s: sum(t.state == s for t in statuses) for s in STATES}
-    todo = counts["pending"] + counts["interrupted"]
-    parts = [f"{counts['done']}/{len(statuses)} done", f"{counts['running']} running",
-             f"{counts['failed']} failed", f"{todo} pending"]
-    if counts["stopped"]:
-        parts.append(f"{counts['stopped']} stopped early")
-    best = []
-    for region in ("entire", "streak", "glare"):
-        values = [_number(t.metrics.get(f"psnr_{region}")) for t in statuses if t.metrics]
-        values = [v for v in values if v is not None and math.isfinite(v)]
-        if values:
-            best.append(f"{region} {max(values):.2f}")
-    line = " | ".join([", ".join(parts)] + (["best PSNR " + " ".join(best)] if best else []))
-    times = ([f"elapsed {format_duration(elapsed_s)}"] if elapsed_s is not None else [])
-    eta = sweep_eta(statuses, concurrency)
-    if eta is not None and (todo or counts["running"]):
-        times.append(f"ETA {format_duration(eta)}")
-    return line + (" | " + ", ".join(times) if times else "")
-
-
-def sweep_eta(statuses: list[TrialStatus], concurrency: int) -> float | None:
-    """Seconds until every running and pending trial is done, at the pace seen so far.
-
-    A trial's duration is estimated as the mean over finished trials and running ones (elapsed +
-    remaining); None before any trial has finished or reported progress.
-    """
-    durations = [t.elapsed_s for t in statuses if t.state == "done" and t.elapsed_s]
-    durations += [t.elapsed_s + t.eta_s for t in statuses if t.state == "running" and t.eta_s is not None]
-    if not durations:
-        return None
-    mean = sum(durations) / len(durations)
-    running = [t.eta_s if t.eta_s is not None else mean for t in statuses if t.state == "running"]
-    waiting = sum(t.state in ("pending", "interrupted") for t in statuses)
-    return (sum(running) + mean * waiting) / max(1, concurrency)
-
-
-def format_duration(seconds: float) -> str:
-    """`42s`, `3m05s`, `2h04m`."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def active_run(sweep_dir: Path) -> str | None:
-    """Run id of the `sweep.py run` holding `sweep_dir`, or None when no run holds it."""
-    lock = sweep_dir / ".lock"
-    if not lock.exists():
-        return None
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            run = _read_json_or_none(sweep_dir / "run.json") or {}
-            return str(run.get("run_id", "?"))
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return None
-
-
-class SweepLock:
-    """Held by `sweep.py run` for its whole life: one run per results folder at a time.
-
-    An flock dies with its process, so a killed driver never leaves a stale lock behind.
-    """
-
-    def __init__(self, sweep_dir: Path, run_id: str):
-        self.sweep_dir, self.run_id = sweep_dir, run_id
-        self._fh = None
-
-    def __enter__(self) -> SweepLock:
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.sweep_dir / ".lock", "a+")  # noqa: SIM115 - held until __exit__
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fh.close()
-            run = _read_json_or_none(self.sweep_dir / "run.json") or {}
-            raise UserError(f"{self.sweep_dir} is in use by another `sweep.py run` "
-                            f"(pid {run.get('pid', '?')} on {run.get('host', '?')}); "
-                            "wait for it or stop it first") from None
-        atomic_write_json(self.sweep_dir / "run.json", {
-            "run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.time()})
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fh, fcntl.LOCK_UN)
-        self._fh.close()
-
-
-def _read_json_or_none(path: Path) -> Any:
-    try:
-        return read_json(path)
-    except (OSError, ValueError):
-        return None
-
-
-def _number(value: Any) -> Any:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -1,0 +1,89 @@
+"""A trial's life in its folder, without Ray: what the Tune wrapper in sweep.py runs.
+
+`run_trial` gives `train()` its folder (`results/<sweep>/trials/<id>/`), a heartbeat, its own log
+file, and records how it ended (metrics.json or error.json). `prepare_shared` builds what all trials
+share (base network, test set) once, in the driver, before any trial starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from cascade.config import TrialConfig
+from orchestrator.record import SweepRecord
+from orchestrator.space import Cell
+
+TrainFn = Callable[..., dict]  # cascade.train.train's signature
+PrepareFn = Callable[[TrialConfig], Any]  # builds a shared artifact for a config, returns its path
+
+
+def run_trial(cell: Cell, record: SweepRecord, run_id: str, train_fn: TrainFn,
+              report: Callable[[dict[str, Any], int], None]) -> dict[str, Any]:
+    """Run `train_fn` for `cell` in its trial folder; return its result (written as metrics.json).
+
+    `report(metrics, step)` receives every report of the trial (step: the last reported step).
+    A finished trial is not run again: its metrics are returned as they are. A failure writes
+    error.json (first line, traceback, step) and re-raises.
+    """
+    tid = cell.trial_id
+    if (done := record.read_metrics(tid)) is not None:  # e.g. a search proposing a point that ran
+        return done
+    tdir = record.start_attempt(tid)
+    heartbeat = record.heartbeat(tid, run_id, steps=cell.config.steps if cell.kind == "cascade" else None)
+
+    def on_report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        # The checkpoint stays in the trial folder (train() writes it there); Ray never copies it.
+        heartbeat.beat(metrics.get("step"))
+        report(metrics, heartbeat.step or 0)
+
+    with open(record.log_path(tid), "a", buffering=1, encoding="utf-8") as log, \
+            logging_to(log, "%(asctime)s %(name)s: %(message)s", ""), \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            result = train_fn(cell.config, report=on_report,
+                              checkpoint_dir=str(record.checkpoint_dir(tid)), output_dir=str(tdir))
+        except Exception as exc:
+            record.write_error(tid, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                               getattr(exc, "step", heartbeat.step))
+            raise
+    record.write_metrics(tid, result)
+    return result
+
+
+def prepare_shared(name: str, configs: list[TrialConfig], functions: tuple[PrepareFn, ...]) -> None:
+    """Build what trials share (base network, test set) once, before they start.
+
+    Each function takes a TrialConfig and returns a path; they cache by config, so calling them
+    for every config costs one build per distinct base / test set. cascade's INFO logs are shown:
+    the first build takes minutes.
+    """
+    print(f"{name}: preparing the base network and the test set (built once, then cached)", flush=True)
+    with logging_to(sys.stdout, f"{name}: %(message)s", "cascade"):
+        done: set[str] = set()
+        for cfg in configs:
+            for function in functions:
+                if (path := str(function(cfg))) not in done:
+                    done.add(path)
+                    print(f"{name}: using {path}", flush=True)
+
+
+@contextlib.contextmanager
+def logging_to(stream: TextIO, fmt: str, handler_on: str, info_on: str = "cascade") -> Iterator[None]:
+    """Send the records reaching logger `handler_on` ("" = root) to `stream`, with `info_on`'s
+    INFO records (cascade's step lines, the base network's progress) among them."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(fmt))
+    target, ours = logging.getLogger(handler_on), logging.getLogger(info_on)
+    level = ours.level
+    target.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        ours.setLevel(level)
+        target.removeHandler(handler)

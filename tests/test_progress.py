@@ -1,0 +1,75 @@
+"""orchestrator.progress: progress line, ETA, status text, and the driver's event board."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.plan import load_plan
+from orchestrator.progress import Board, event_line, progress_line, status_lines, sweep_eta
+from orchestrator.record import SweepRecord, TrialStatus
+from orchestrator.space import load_space
+
+SPACE = """\
+# Does the board follow the trials? (a test space)
+name: board
+grid: {k: [2], lambda_: [1.0, 0.5]}
+fixed: {steps: 10}
+seeds: [0]
+"""
+
+
+def test_progress_line_and_eta():
+    statuses = [
+        TrialStatus("a", "done", elapsed_s=100.0, metrics={"psnr_entire": 23.1, "psnr_streak": 30.0}),
+        TrialStatus("b", "done", elapsed_s=60.0, metrics={"psnr_entire": 23.9, "psnr_streak": 29.0}),
+        TrialStatus("c", "running", step=50, steps=100, elapsed_s=40.0, eta_s=40.0),
+        TrialStatus("d", "failed", error="x"),
+        TrialStatus("e", "pending"),
+        TrialStatus("f", "interrupted", step=3),
+    ]
+    # mean duration (100 + 60 + 80) / 3 = 80; remaining 40 + 2 * 80 = 200 over 2 slots
+    assert sweep_eta(statuses, concurrency=2) == pytest.approx(100.0)
+    assert progress_line(statuses, 2, elapsed_s=125) == (
+        "2/6 done, 1 running, 1 failed, 2 pending | best PSNR entire 23.90 streak 30.00 | "
+        "elapsed 2m05s, ETA 1m40s")
+    assert sweep_eta([TrialStatus("e", "pending")], 1) is None
+
+
+def test_status_and_event_lines():
+    cells = [{"trial_id": "ref", "kind": "reference", "seed": 0},
+             {"trial_id": "t1", "kind": "cascade", "k": 2, "lambda_": 0.6, "seed": 0}]
+    by_id = {"ref": TrialStatus("ref", "done", elapsed_s=65.0, metrics={"psnr_entire": 22.214}),
+             "t1": TrialStatus("t1", "stopped", step=4, steps=10, metrics={"psnr_entire": 20.5})}
+    lines = status_lines("demo", cells, by_id)
+    assert lines[0].split() == ["reference", "s0", "done", "ref", "PSNR", "entire", "22.21,", "took", "1m05s"]
+    assert lines[1].endswith("at step 4/10, PSNR entire 20.50 then")
+    assert lines[2].startswith("demo: 1/2 done, 0 running, 0 failed, 0 pending, 1 stopped early")
+    assert event_line(by_id["t1"]) == "  stopped t1 at step 4, PSNR entire 20.50 (early stopping)"
+    assert event_line(TrialStatus("x", "failed", error="boom"), "x/error.json") == (
+        "  FAILED  x: boom (see x/error.json)")
+
+
+def test_board_follows_events_without_rescanning_the_folder(tmp_path: Path, capsys):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    space = load_space(tmp_path / "space.yaml")
+    record = SweepRecord(tmp_path / "results" / "board")
+    board = Board(space, record, load_plan(space, record), concurrency=1)
+    a, b = (c.trial_id for c in space.trials())
+    board.started(space.cells[0], None)
+    assert "0/2 done, 1 running" in capsys.readouterr().out
+    board.result(a, 5)
+    assert board.states[a].eta_s is not None and board.states[a].step == 5
+    record.write_metrics(a, {"psnr_entire": 21.0, "wall_s": 3.0})
+    board.completed(a, {})
+    out = capsys.readouterr().out
+    assert f"done    {a}: PSNR entire 21.00" in out and "1/2 done, 0 running" in out
+    board.started(space.cells[1], None)
+    board.completed(b, {"step": 4, "psnr_entire": 19.0})  # no metrics.json: the scheduler stopped it
+    assert record.status(b).state == "stopped"
+    assert f"stopped {b} at step 4, PSNR entire 19.00" in capsys.readouterr().out
+    board.errored(b, "Traceback ...\nRayActorError: the actor died")  # died before writing error.json
+    failed = record.status(b)
+    assert (failed.state, failed.error) == ("failed", "trial process died: RayActorError: the actor died")
+    assert f"FAILED  {b}: trial process died" in capsys.readouterr().out

@@ -1,0 +1,89 @@
+"""orchestrator.record: the one reader/writer of results/<sweep>/ — trial states, plan, lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cascade.errors import UserError
+from cascade.io import atomic_write_json
+from orchestrator.record import SweepLock, SweepRecord, trial_status
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trial_status_from_the_folder(tmp_path):
+    now = time.time()
+    t = tmp_path / "trials" / "k2-l0.6-s0-abc"
+    assert trial_status(t, None, now).state == "pending"
+    atomic_write_json(t / "progress.json", {"run_id": "r1", "step": 25, "steps": 100,
+                                            "started": now - 50})
+    running = trial_status(t, "r1", now)
+    assert (running.state, running.step, running.steps) == ("running", 25, 100)
+    assert running.elapsed_s == pytest.approx(50) and running.eta_s == pytest.approx(150)
+    assert trial_status(t, "r2", now).state == "interrupted"  # a heartbeat of an older run
+    atomic_write_json(t / "error.json", {"error": "RuntimeError: boom\nmore", "traceback": "", "step": 25})
+    failed = trial_status(t, "r1", now)  # failed in the live run
+    assert (failed.state, failed.error, failed.step) == ("failed", "RuntimeError: boom", 25)
+    atomic_write_json(t / "metrics.json", {"psnr_entire": 23.5, "wall_s": 70.0, "steps": 100})
+    done = trial_status(t, "r1", now)
+    assert (done.state, done.elapsed_s, done.metrics["psnr_entire"]) == ("done", 70.0, 23.5)
+
+
+def test_attempt_files_error_stopped_and_metrics(tmp_path):
+    record = SweepRecord(tmp_path)
+    tid = "k1-l0.5-s0-abc"
+    record.start_attempt(tid)
+    record.write_error(tid, "ValueError: first\nsecond", "Traceback ...", 3)
+    assert json.loads((record.trial_dir(tid) / "error.json").read_text())["error"] == "ValueError: first"
+    assert record.status(tid).state == "failed"
+    record.start_attempt(tid)  # a retry: the failure moves aside, the trial is pending again
+    assert (record.trial_dir(tid) / "error.previous.json").is_file()
+    assert record.status(tid).state == "pending"
+    record.write_stopped(tid, 4, {"psnr_entire": 21.0, "loss": 0.3, "step": 4})
+    stopped = record.status(tid)
+    assert (stopped.state, stopped.metrics) == ("stopped", {"psnr_entire": 21.0})
+    record.write_metrics(tid, {"psnr_entire": 22.0})
+    assert record.read_metrics(tid) == {"psnr_entire": 22.0, "trial_id": tid}
+    assert record.status(tid).state == "done"  # metrics.json wins over a stale stop mark
+    (record.trial_dir(tid) / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"metrics.json: expected a JSON object"):
+        record.read_metrics(tid)
+
+
+def test_plan_is_read_once_and_validated(tmp_path):
+    record = SweepRecord(tmp_path)
+    assert record.read_plan() is None and record.plan_trial_ids() == []
+    record.write_plan({"name": "x", "cells": [{"trial_id": "a"}, {"trial_id": "b"}, {"trial_id": "a"}]})
+    (tmp_path / "sweep.json").write_text("{not json")  # the cache, not the file, answers now
+    assert record.plan_trial_ids() == ["a", "b"]
+    with pytest.raises(UserError, match="sweep.json: unreadable JSON"):
+        SweepRecord(tmp_path).read_plan()
+    (tmp_path / "sweep.json").write_text('{"cells": []}')
+    with pytest.raises(UserError, match="expected a non-empty list under 'cells'"):
+        SweepRecord(tmp_path).read_plan()
+
+
+def test_sweep_lock_is_exclusive_and_marks_the_active_run(tmp_path):
+    record = SweepRecord(tmp_path)
+    assert record.active_run() is None
+    with SweepLock(tmp_path, "run-a"):
+        assert record.active_run() == "run-a"
+        run = json.loads((tmp_path / "run.json").read_text())
+        assert run["pid"] == os.getpid()
+        with pytest.raises(UserError, match="in use by another `sweep.py run`"):
+            SweepLock(tmp_path, "run-b").__enter__()
+        # Another process sees the holder too.
+        code = ("import sys; from orchestrator.record import SweepRecord; "
+                f"print(SweepRecord({str(tmp_path)!r}).active_run())")
+        seen = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert seen.stdout.strip() == "run-a", seen.stderr
+    assert record.active_run() is None
+    with SweepLock(tmp_path, "run-c"):  # released: the next run gets it
+        assert record.active_run() == "run-c"
