@@ -1,6 +1,6 @@
 """Perceptual encoders f for L_PL and L_triplet (`cascade.losses`), chosen by name, frozen.
 
-Names (`build_encoder(name, pretrained, weights=None, image_size=None)`):
+Names (`build_encoder(name, pretrained, weights=None, image_size=None, features="cls")`):
 
 - `vit_l16_swag` (default for real runs): the paper's ViT-L/16 with SWAG weakly-supervised
   weights, through torchvision, the LINEAR variant (`ViT_L_16_Weights.IMAGENET1K_SWAG_LINEAR_V1`)
@@ -18,6 +18,25 @@ Names (`build_encoder(name, pretrained, weights=None, image_size=None)`):
 - `timm:<model>`: any timm model name, tag allowed
   (`timm:vit_large_patch16_224.augreg_in21k_ft_in1k`, `timm:vgg19.tv_in1k`); the embedding is the pre-logits feature
   (`forward_head(forward_features(x), pre_logits=True)`), the classifier itself is dropped.
+
+Features (`features`, `ENCODER_FEATURES`): the paper takes "the feature maps of the activation
+layer just before the output layer", which may mean the pooled embedding or the unpooled map:
+
+- `cls` (the default; what these encoders always returned): the embedding that feeds the
+  classifier, `(B, D)`: for the torchvision ViTs the final class token after the last LayerNorm;
+  for timm models the pre-logits feature (a ViT's class token or pooled tokens, a CNN's global
+  average pool: `small_cpu` gives 512 values).
+- `tokens`: the unpooled features, flattened to `(B, N*D)` so the `(B, embed_dim)` contract holds
+  (`embed_dim == N*D`): for the torchvision ViTs the N = (image_size / 16)^2 patch tokens after
+  the last LayerNorm (the class token is attended to but dropped; 196 x 1024 at 224 px), in
+  row-major patch order; for timm models what `forward_features` returns, i.e. what
+  `forward_head` would pool, with the prefix (class / register) tokens of a ViT dropped: a CNN's
+  last activation map `(C, h, w)` (`small_cpu` at 128 px: the 512 x 4 x 4 ReLU output of
+  resnet18's last block, right before its pool and classifier), a ViT's patch tokens (after its
+  final norm; before it for ViTs built with average pooling, whose norm sits in the head).
+  Models whose `forward_features` does not return one `(B, N, D)` or `(B, C, h, w)` tensor are
+  refused with a UserError when built. `cascade.losses` takes its distances over all N*D values
+  of a sample, so the `mean` reduction is the mean over tokens of each token's MSE.
 
 Every encoder maps `(B, 3, H, W)` in [0, 1] to `(B, D)` float32 in three differentiable steps
 (`F.interpolate`, not PIL, so the anchor's gradient flows through them): resize the shorter side to
@@ -52,6 +71,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TIMM_PREFIX = "timm:"
 _INTERPOLATIONS = ("bilinear", "bicubic")
+ENCODER_FEATURES = ("cls", "tokens")
+"""What an encoder returns: the pooled embedding or the unpooled tokens (module docstring)."""
 
 
 class PerceptualEncoder(nn.Module):
@@ -61,7 +82,8 @@ class PerceptualEncoder(nn.Module):
     BatchNorm updates or dropout) and every parameter has `requires_grad=False`; gradients still
     flow to the *input*. Attributes: `name` (as requested), `embed_dim`, `image_size` (side of the
     square the input is resized to), `pretrained` (bool), `weights_source` ("torchvision:<enum>",
-    "timm:<model>.<tag>", a local file's absolute path, or "random").
+    "timm:<model>.<tag>", a local file's absolute path, or "random"), `features` ("cls" or
+    "tokens", see ENCODER_FEATURES; with "tokens", `embed_dim` is N*D).
     """
 
     def __init__(
@@ -75,10 +97,12 @@ class PerceptualEncoder(nn.Module):
         std: tuple[float, float, float],
         interpolation: str,
         weights_source: str,
+        features: str = "cls",
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.name = name
+        self.features = features
         self.embed_dim = int(embed_dim)
         self.image_size = int(image_size)
         self.interpolation = interpolation if interpolation in _INTERPOLATIONS else "bicubic"
@@ -104,8 +128,8 @@ class PerceptualEncoder(nn.Module):
         return self.backbone(x).float()
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, embed_dim={self.embed_dim}, image_size={self.image_size}, "
-                f"weights_source={self.weights_source!r}")
+        return (f"name={self.name!r}, features={self.features!r}, embed_dim={self.embed_dim}, "
+                f"image_size={self.image_size}, weights_source={self.weights_source!r}")
 
 
 def resize_square(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
@@ -145,19 +169,42 @@ VIT_L16_SWAG_LINEAR = TorchvisionViT("IMAGENET1K_SWAG_LINEAR_V1", image_size=224
 VIT_L16_SWAG_E2E = TorchvisionViT("IMAGENET1K_SWAG_E2E_V1", image_size=512)
 
 
+class ViTPatchTokens(nn.Module):
+    """A torchvision VisionTransformer returning its patch tokens after the final LayerNorm.
+
+    `(B, 3, S, S)` -> `(B, N * hidden_dim)`, N = (S / patch_size)^2 in row-major patch order. The
+    same computation as `VisionTransformer.forward` up to its `x[:, 0]` (torchvision 0.29,
+    torchvision/models/vision_transformer.py:289), which keeps the class token instead.
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: Tensor) -> Tensor:
+        vit = self.vit
+        x = vit._process_input(x)  # (B, N, D)
+        cls = vit.class_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = vit.encoder(torch.cat([cls, x], dim=1))  # (B, 1 + N, D), after encoder.ln
+        return x[:, 1:].flatten(1)  # the class token took part in attention; it is dropped here
+
+
 def build_torchvision_vit(
     spec: TorchvisionViT,
     name: str,
     pretrained: bool,
     weights: str | None = None,
     image_size: int | None = None,
+    features: str = "cls",
 ) -> PerceptualEncoder:
-    """A torchvision ViT whose embedding is the final class token `(B, hidden_dim)`.
+    """A torchvision ViT whose embedding is the final class token `(B, hidden_dim)` (`cls`) or
+    its patch tokens `(B, N * hidden_dim)` (`tokens`), both after the last LayerNorm.
 
     `image_size` (a multiple of the patch size) overrides the weights' native size; pretrained
     position embeddings are then interpolated to the new grid (torchvision's
     `interpolate_embeddings`).
     """
+    _check_features(name, features)
     from torchvision.models import ViT_L_16_Weights
     from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
@@ -204,9 +251,14 @@ def build_torchvision_vit(
     model.heads = nn.Identity()  # forward() now returns the class token (B, hidden_dim)
     if state is not None:
         _load_strict(model, state, name, source)
+    backbone: nn.Module = model
+    embed_dim = spec.hidden_dim
+    if features == "tokens":
+        backbone = ViTPatchTokens(model)
+        embed_dim = (size // spec.patch_size) ** 2 * spec.hidden_dim
     return PerceptualEncoder(
-        model, name=name, embed_dim=spec.hidden_dim, image_size=size, mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, interpolation="bicubic", weights_source=source,
+        backbone, name=name, embed_dim=embed_dim, image_size=size, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, interpolation="bicubic", weights_source=source, features=features,
     )
 
 
@@ -223,6 +275,32 @@ class TimmPreLogits(nn.Module):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
+class TimmTokens(nn.Module):
+    """A timm model returning its unpooled `forward_features`, flattened to `(B, N*D)`.
+
+    A 3-D output `(B, T, D)` (ViTs) loses its first `num_prefix_tokens` (class / register tokens);
+    a 4-D one (CNNs: `(B, C, h, w)`, some hierarchical models `(B, h, w, C)`) is kept whole, its
+    layout irrelevant to a distance over all elements. Anything else is a UserError naming `name`.
+    """
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model.forward_features(x)
+        if not isinstance(out, Tensor) or out.dim() not in (3, 4):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise UserError(f"encoder {self.name!r}: encoder_features=tokens needs forward_features "
+                            f"to return one (B, N, D) or (B, C, H, W) tensor, got {got}; use "
+                            "encoder_features: cls")
+        if out.dim() == 3:
+            out = out[:, self.num_prefix_tokens:]  # (B, N, D): patch tokens only
+        return out.flatten(1)
+
+
 def build_timm(
     model_name: str,
     name: str,
@@ -230,13 +308,18 @@ def build_timm(
     weights: str | None = None,
     image_size: int | None = None,
     default_image_size: int | None = None,
+    features: str = "cls",
 ) -> PerceptualEncoder:
-    """Any timm model (`arch` or `arch.tag`) as a pre-logits feature extractor.
+    """Any timm model (`arch` or `arch.tag`) as a pre-logits (`cls`) or unpooled (`tokens`)
+    feature extractor.
 
     Input size: `image_size`, else `default_image_size`, else the weights' own input size. Models
     with a fixed input size (ViTs) are built for that size; timm resamples their pretrained position
-    embeddings. Mean, std and interpolation come from the weights' data config.
+    embeddings. Mean, std and interpolation come from the weights' data config. With `tokens`,
+    `embed_dim` is measured by one forward pass of a single image at the input size (it also
+    refuses models whose features are not one tensor, at build time rather than on the first step).
     """
+    _check_features(name, features)
     import timm
     from timm.data import resolve_model_data_config
     from timm.models import get_pretrained_cfg
@@ -270,11 +353,19 @@ def build_timm(
     model.reset_classifier(0)  # the head is never used; frees its memory (21k-class heads)
     data = resolve_model_data_config(model)
     size = size or data["input_size"][-1]
-    embed_dim = getattr(model, "head_hidden_size", None) or model.num_features
+    backbone: nn.Module
+    if features == "tokens":
+        backbone = TimmTokens(model.eval(), name)
+        with torch.no_grad():
+            embed_dim = backbone(torch.zeros(1, 3, size, size)).shape[1]
+    else:
+        backbone = TimmPreLogits(model)
+        embed_dim = getattr(model, "head_hidden_size", None) or model.num_features
     return PerceptualEncoder(
-        TimmPreLogits(model), name=name, embed_dim=embed_dim, image_size=size,
+        backbone, name=name, embed_dim=embed_dim, image_size=size,
         mean=tuple(data["mean"]), std=tuple(data["std"]),
         interpolation=data.get("interpolation", "bicubic"), weights_source=source,
+        features=features,
     )
 
 
@@ -317,8 +408,8 @@ ENCODERS: dict[str, Callable[..., PerceptualEncoder]] = {
     "vit_l16_swag_e2e": partial(build_torchvision_vit, VIT_L16_SWAG_E2E, "vit_l16_swag_e2e"),
     "small_cpu": partial(build_timm, "resnet18.tv_in1k", "small_cpu", default_image_size=128),
 }
-"""Encoder name -> builder(pretrained, weights=None, image_size=None). Names starting with
-`timm:` are handled by `build_encoder` and need no entry."""
+"""Encoder name -> builder(pretrained, weights=None, image_size=None, features="cls"). Names
+starting with `timm:` are handled by `build_encoder` and need no entry."""
 
 
 def check_encoder_name(name: str) -> None:
@@ -335,22 +426,32 @@ def build_encoder(
     pretrained: bool,
     weights: str | None = None,
     image_size: int | None = None,
+    features: str = "cls",
 ) -> PerceptualEncoder:
     """The frozen, eval-mode encoder `name` on CPU (move it with `.to(device)`).
 
     pretrained: True for the library's weights (or `weights`, a local state-dict file); False for
     random weights, only when asked for explicitly (the CPU demo). image_size: side of the square
-    the input is resized to; None keeps the encoder's own (224 for vit_l16_swag).
+    the input is resized to; None keeps the encoder's own (224 for vit_l16_swag). features: `cls`
+    (pooled embedding, `(B, D)`) or `tokens` (unpooled, `(B, N*D)`); see the module docstring.
     """
     check_encoder_name(name)
+    _check_features(name, features)
     if weights is not None and not pretrained:
         raise UserError(f"encoder {name!r}: encoder_weights={weights!r} is given but "
                         "encoder_pretrained is false; set it to true to load the file")
     if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
         raise UserError(f"encoder {name!r}: image_size={image_size!r} must be a positive integer")
     if name.startswith(_TIMM_PREFIX):
-        return build_timm(name[len(_TIMM_PREFIX):], name, pretrained, weights, image_size)
-    return ENCODERS[name](pretrained, weights, image_size)
+        return build_timm(name[len(_TIMM_PREFIX):], name, pretrained, weights, image_size,
+                          features=features)
+    return ENCODERS[name](pretrained, weights, image_size, features=features)
+
+
+def _check_features(name: str, features: str) -> None:
+    if features not in ENCODER_FEATURES:
+        raise UserError(f"encoder {name!r}: encoder_features={features!r} is invalid; expected "
+                        f"one of {', '.join(ENCODER_FEATURES)}")
 
 
 # -- local weight files --------------------------------------------------------------------------

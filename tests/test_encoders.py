@@ -15,6 +15,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from cascade.config import ENCODER_NAMES
 from cascade.encoders import (
+    ENCODER_FEATURES,
     ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -136,6 +137,134 @@ def test_forward_is_resize_then_normalise_then_network() -> None:
     expected = (F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True)
                 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
     torch.testing.assert_close(encoder(x), expected.flatten(1))
+
+
+# -- features: cls | tokens -------------------------------------------------------------------------
+
+def saved_tiny_vit(tmp_path: Path) -> tuple[VisionTransformer, str]:
+    torch.manual_seed(3)
+    arch = {k: getattr(TINY_VIT, k) for k in ("image_size", "patch_size", "num_layers",
+                                              "num_heads", "hidden_dim", "mlp_dim")}
+    model = VisionTransformer(**arch).eval()
+    path = tmp_path / "vit.pth"
+    torch.save(model.state_dict(), path)
+    return model, str(path)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def test_vit_cls_and_tokens_are_the_final_layernorm_output(tmp_path: Path) -> None:
+    model, path = saved_tiny_vit(tmp_path)
+    cls = build_torchvision_vit(TINY_VIT, "tiny_vit", pretrained=True, weights=path)
+    tokens = build_torchvision_vit(TINY_VIT, "tiny_vit", pretrained=True, weights=path,
+                                   features="tokens")
+    assert cls.features == "cls" and tokens.features == "tokens"
+    assert tokens.embed_dim == 4 * 16  # a 2x2 patch grid at 32 px, 16-d tokens
+    assert "features='tokens'" in repr(tokens)
+    assert_frozen(tokens)
+    # The reference: torchvision's own forward, its final LayerNorm's output captured by a hook.
+    seen: list[torch.Tensor] = []
+    model.encoder.ln.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = batch(2, 32, 32)
+    with torch.no_grad():
+        model.heads = nn.Identity()
+        class_token = model(normalise(x))
+    ln = seen[0]  # (2, 1 + 4, 16)
+    torch.testing.assert_close(class_token, ln[:, 0])
+    torch.testing.assert_close(cls(x), ln[:, 0])
+    out = tokens(x)
+    assert out.shape == (2, 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ln[:, 1:].flatten(1))
+    # Tokens reach the input's gradient like the class token does.
+    x.requires_grad_(True)
+    tokens(x).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_vit_tokens_follow_the_input_size(tmp_path: Path) -> None:
+    _, path = saved_tiny_vit(tmp_path)
+    bigger = build_torchvision_vit(TINY_VIT, "tiny_vit", pretrained=True, weights=path,
+                                   image_size=48, features="tokens")
+    assert bigger.embed_dim == 9 * 16 and bigger(batch(1, 40, 40)).shape == (1, 144)
+    random = build_torchvision_vit(TINY_VIT, "tiny_vit", pretrained=False, features="tokens")
+    assert random.weights_source == "random" and random(batch(1)).shape == (1, 64)
+
+
+def test_build_encoder_passes_features_to_the_vit_builders(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The ENCODERS entries are called as builder(pretrained, weights, image_size, features=...):
+    # the same partial as vit_l16_swag's, with the tiny spec instead of ViT-L.
+    from functools import partial
+
+    monkeypatch.setitem(ENCODERS, "vit_l16_swag", partial(build_torchvision_vit, TINY_VIT,
+                                                          "vit_l16_swag"))
+    encoder = build_encoder("vit_l16_swag", pretrained=False, image_size=48, features="tokens")
+    assert encoder.features == "tokens" and encoder.embed_dim == 9 * 16
+
+
+def test_small_cpu_tokens_are_the_map_its_embedding_pools(small_cpu: PerceptualEncoder) -> None:
+    tokens = build_encoder("small_cpu", pretrained=False, features="tokens")
+    assert tokens.embed_dim == 512 * 4 * 4 and tokens.image_size == 128  # resnet18 at 128 px
+    x = batch(2, 128, 128)
+    out = tokens(x)
+    assert out.shape == (2, 8192) and out.min() >= 0  # the last block's ReLU output
+    # Its global average pool is the `cls` embedding of the same network (TimmPreLogits).
+    from cascade.encoders import TimmPreLogits
+
+    with torch.no_grad():
+        pooled = TimmPreLogits(tokens.backbone.model)(normalise(x))
+    torch.testing.assert_close(out.view(2, 512, 16).mean(dim=2), pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_timm_vit_tokens_drop_the_class_token() -> None:
+    tokens = build_encoder("timm:test_vit", pretrained=False, features="tokens")
+    model = tokens.backbone.model
+    assert tokens.backbone.num_prefix_tokens == model.num_prefix_tokens == 1
+    x = batch(2, 160, 160)
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    normed = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = model.forward_features(normed)  # (2, 1 + 100, 64)
+    assert tokens.embed_dim == 100 * 64
+    torch.testing.assert_close(tokens(x), features[:, 1:].flatten(1))
+
+
+@pytest.mark.parametrize("name", TINY_TIMM)
+def test_timm_names_build_with_tokens(name: str) -> None:
+    encoder = build_encoder(name, pretrained=False, features="tokens")
+    assert encoder.features == "tokens" and encoder.embed_dim > 64
+    out = encoder(batch(1, 20, 28))
+    assert out.shape == (1, encoder.embed_dim) and torch.isfinite(out).all()
+
+
+def test_tokens_need_one_feature_tensor() -> None:
+    from cascade.encoders import TimmTokens
+
+    class Pyramid(nn.Module):
+        def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [x, x[..., ::2, ::2]]
+
+    with pytest.raises(UserError, match=r"encoder 'timm:pyramid': encoder_features=tokens needs "
+                                        r"forward_features to return one .* got list; use "
+                                        r"encoder_features: cls$"):
+        TimmTokens(Pyramid(), "timm:pyramid")(batch(1, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["vit_l16_swag", "small_cpu", "timm:test_resnet"])
+def test_unknown_features_are_a_user_error(name: str) -> None:
+    with pytest.raises(UserError, match=rf"encoder '{name}': encoder_features='patch' is invalid; "
+                                        r"expected one of cls, tokens"):
+        build_encoder(name, pretrained=False, features="patch")  # before building anything
+
+
+def test_features_are_mirrored_in_config() -> None:
+    import cascade.config as config
+
+    assert ENCODER_FEATURES == ("cls", "tokens")
+    if not hasattr(config, "ENCODER_FEATURES"):
+        pytest.skip("cascade.config has no ENCODER_FEATURES yet (the integration of issue 17)")
+    assert config.ENCODER_FEATURES == ENCODER_FEATURES
 
 
 # -- local weights --------------------------------------------------------------------------------
