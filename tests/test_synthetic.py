@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from cascade.data import synthetic
+from cascade.data.erasing import erase_box, erasing_generator
 from cascade.data.images import read_rgb
+from cascade.errors import UserError
 from cascade.masks import MASK_COLOURS, region_weights
 
 SIZE = 48
@@ -114,3 +116,24 @@ def test_only_bundled_skimage_scenes() -> None:
     bank = synthetic._scene_bank(64)
     assert bank.shape == (len(synthetic.SKIMAGE_SCENES), 3, 64, 64)
     assert float(bank.min()) >= 0 and float(bank.max()) <= 1
+
+
+def test_random_erasing_changes_input_only(pairs: synthetic.ProceduralPairs) -> None:
+    idx = [0, 5, 2]
+    plain = pairs.batch(idx)
+    off = synthetic.ProceduralPairs(SIZE, seed=3, random_erasing=0.0).batch(idx)
+    for x, y in zip(plain, off):  # p = 0: exactly today's pairs
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    inp, gt, flare = synthetic.ProceduralPairs(SIZE, seed=3, random_erasing=1.0).batch(idx)
+    torch.testing.assert_close(gt, plain[1], rtol=0, atol=0)
+    torch.testing.assert_close(flare, plain[2], rtol=0, atol=0)
+    for j, i in enumerate(idx):
+        box = erase_box(erasing_generator(synthetic.sample_seed(3, i)), SIZE, SIZE, 1.0)
+        top, left, h, w = box
+        inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+        inside[top:top + h, left:left + w] = True
+        assert bool((inp[j][:, inside] == 0).all())
+        torch.testing.assert_close(inp[j][:, ~inside], plain[0][j][:, ~inside], rtol=0, atol=0)
+        assert not torch.equal(inp[j], plain[0][j])
+    with pytest.raises(UserError, match="random_erasing=2.0 not in"):
+        synthetic.ProceduralPairs(SIZE, seed=3, random_erasing=2.0)

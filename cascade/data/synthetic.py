@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -45,10 +44,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cascade.data.erasing import random_erase
 from cascade.data.images import to_uint8, write_png
 from cascade.errors import UserError, cli_errors
 from cascade.io import atomic_write_json
 from cascade.masks import paint_mask
+from cascade.seeds import derive_seed
 
 # Bundled with the scikit-image wheel (no pooch download); verified offline. Colour first.
 SKIMAGE_SCENES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
@@ -75,8 +76,8 @@ LAMP_COLOURS = torch.tensor([
 # Painted light over streak over glare (cascade.masks.paint_mask).
 MASK_THRESHOLDS = {"light": 0.5, "streak": 0.30, "glare": 0.18}
 MAX_LIGHTS = 3
-# Version of the pixels this module renders; bump when they change (cascade.base keys its cached
-# procedural bases on it). /2: PSF sprites, closed-form halo, one RNG draw per sample, noise bank.
+# Version of the pixels this module renders; bump when they change (cascade.pretrain and
+# cascade.data.testset key their caches on it). /2: PSF sprites, closed-form halo, one RNG draw per sample, noise bank.
 GENERATOR = "cascade.data.synthetic/2"
 MAX_GHOSTS = 4
 _N_SCALARS = 256  # uniform draws reserved per sample for scalar parameters (~150 used)
@@ -85,8 +86,7 @@ _LUMA = (0.2126, 0.7152, 0.0722)
 
 def sample_seed(seed: int, index: int, epoch: int = 0) -> int:
     """A 63-bit seed for one sample: sha256 of (seed, epoch, index); independent of batching."""
-    digest = hashlib.sha256(f"flaresweep:{seed}:{epoch}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derive_seed("flaresweep", seed, epoch, index)
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -236,24 +236,36 @@ class ProceduralPairs:
         natural_fraction: probability that a sample's scene is a darkened skimage photograph
             rather than a procedural street.
         ghosts: render aperture ghosts (reflective flare).
+        random_erasing: probability of erasing one box of the *input* in `batch` (training pairs
+            only; `render`, hence the test sets, never erases). `cascade.data.erasing`:
+            torchvision RandomErasing semantics, value 0, gt and flare unchanged. 0 leaves the
+            pairs byte-identical to a run without it.
     """
 
     def __init__(self, size: int, seed: int, *, n_psf: int = 6, natural_fraction: float = 0.5,
-                 ghosts: bool = True) -> None:
+                 ghosts: bool = True, random_erasing: float = 0.0) -> None:
         if size < 16:
             raise UserError(f"ProceduralPairs: size={size} is too small; expected >= 16")
         if not 0.0 <= natural_fraction <= 1.0:
             raise UserError(f"ProceduralPairs: natural_fraction={natural_fraction} not in [0, 1]")
+        if not 0.0 <= random_erasing <= 1.0:
+            raise UserError(f"ProceduralPairs: random_erasing={random_erasing} not in [0, 1]")
         self.size, self.seed, self.n_psf = int(size), int(seed), int(n_psf)
         self.natural_fraction, self.ghosts = float(natural_fraction), bool(ghosts)
+        self.random_erasing = float(random_erasing)
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # -- public contract --------------------------------------------------------------------------
     def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu",
               epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input, gt, flare), each (B, 3, S, S) float32 in [0, 1] on `device`."""
+        """(input, gt, flare), each (B, 3, S, S) float32 in [0, 1] on `device`; the input
+        randomly erased when `random_erasing` > 0 (box from each sample's seed)."""
         r = self.render(indices, device, epoch)
-        return r.input, r.gt, r.flare
+        if self.random_erasing == 0:
+            return r.input, r.gt, r.flare
+        idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
+        seeds = [sample_seed(self.seed, i, epoch) for i in idx]
+        return random_erase(r.input, seeds, self.random_erasing), r.gt, r.flare
 
     def render(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu",
                epoch: int = 0) -> Rendered:
