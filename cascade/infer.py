@@ -4,7 +4,9 @@
 
 writes `<output>/<stem>.png` (the deflared RGB image, same size as the input) for every image in
 `--input`, and `<output>/metadata.json` recording the checkpoint, the architecture and every
-inference setting (tiling, light-source re-blend), so a folder of results says how it was made.
+inference setting (mode, tiling, base kind, light-source re-blend), so a folder of results says how
+it was made. `--mode flare7k-large --base-kind flare7k|flare7kpp` reproduces Flare7K's
+test_large.py; `--base-kind` alone (native mode) its test.py on 512x512 photos.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from cascade.data.images import read_rgb, to_tensor, to_uint8, write_png
+from cascade.device import resolve_device
 from cascade.errors import UserError, cli_errors
-from cascade.io import IMAGE_SUFFIXES, atomic_write_json, image_files
+from cascade.io import IMAGE_SUFFIXES, atomic_write_json, list_images
 from cascade.model import (
-    DEFAULT_LIGHT_THRESHOLD,
+    BASE_KINDS,
     DEFAULT_TILE,
+    MODES,
+    OFFICIAL_LIGHT_THRESHOLDS,
     CascadedFlareRemover,
     default_overlap,
-    remove_flare,
+    deflare,
+    official_light_threshold,
 )
 from cascade.uformer import load_checkpoint
 
@@ -52,58 +57,66 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --cascade: weights of the frozen negative network (e.g. the "
                              "released base) when --checkpoint holds a fine-tuned anchor "
                              "(default: --checkpoint itself)")
-    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                        help="tile side in pixels; larger images are processed in overlapping, "
-                             "cross-faded tiles (default: %(default)s)")
+    parser.add_argument("--mode", choices=MODES, default="native",
+                        help="native: the photo at its own resolution, in overlapping cross-faded "
+                             "--tile tiles (Flare7K's test.py for 512x512 photos); flare7k-large: "
+                             "Flare7K's test_large.py: short side resized to 512, 512 px strips, "
+                             "the predicted flare upsampled and subtracted at full resolution "
+                             "(--tile/--overlap do not apply) (default: %(default)s)")
+    parser.add_argument("--base-kind", choices=BASE_KINDS, default=None,
+                        help="the released network the weights descend from (both have 6 output "
+                             "channels, so the file cannot tell): flare7k (v1) re-blends the light "
+                             "source as the official script of --mode does (test.py: 0.97, "
+                             "test_large.py: 0.95), flare7kpp keeps channels 0:3 as they are. "
+                             "Replaces --blend-light-source/--light-threshold (default: unset, "
+                             "re-blend only with --blend-light-source)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help=f"--mode native: tile side in pixels; larger images are processed in "
+                             f"overlapping, cross-faded tiles (default: {DEFAULT_TILE})")
     parser.add_argument("--overlap", type=int, default=None,
-                        help="minimum overlap of neighbouring tiles in pixels (default: a quarter "
-                             "of --tile)")
+                        help="--mode native: minimum overlap of neighbouring tiles in pixels "
+                             "(default: a quarter of --tile)")
     parser.add_argument("--blend-light-source", action="store_true",
-                        help="re-blend saturated light sources from the input as Flare7K's test.py "
-                             "does (off by default; for Flare7K v1 checkpoints)")
-    parser.add_argument("--light-threshold", type=float, default=DEFAULT_LIGHT_THRESHOLD,
+                        help="re-blend saturated light sources from the input as Flare7K's "
+                             "blend_light_source does (off by default; for Flare7K v1 "
+                             "checkpoints; --base-kind flare7k does it at the official threshold)")
+    parser.add_argument("--light-threshold", type=float, default=None,
                         help="channel-mean level counted as saturated by --blend-light-source "
-                             "(default: %(default)s)")
+                             "(default: the official one for --mode: "
+                             f"{OFFICIAL_LIGHT_THRESHOLDS['native']['flare7k']} native, "
+                             f"{OFFICIAL_LIGHT_THRESHOLDS['flare7k-large']['flare7k']} "
+                             "flare7k-large)")
     parser.add_argument("--device", default="cpu",
                         help="torch device: cpu, cuda, cuda:1, ... or auto (default: %(default)s)")
     return parser
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else must be a usable torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a torch device (try cpu, cuda or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name; UserError if there are none."""
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such input folder")
-    files = image_files(folder)
-    if not files:
-        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    stems = [p.stem for p in files]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
-    if clashes:
-        raise UserError(f"{folder}: several images share the name {clashes[0]!r}; outputs would "
-                        "overwrite each other")
-    return files
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Deflare every image; returns the metadata written beside them."""
-    overlap = default_overlap(args.tile) if args.overlap is None else args.overlap
-    if args.tile < 1 or not 0 <= overlap < args.tile:
-        raise UserError(f"--tile {args.tile} --overlap {overlap}: need tile >= 1 and "
-                        "0 <= overlap < tile")
-    images = list_images(args.input)
+    tile: int | None = None
+    overlap: int | None = None
+    if args.mode == "native":
+        tile = DEFAULT_TILE if args.tile is None else args.tile
+        overlap = default_overlap(tile) if args.overlap is None else args.overlap
+        if tile < 1 or not 0 <= overlap < tile:
+            raise UserError(f"--tile {tile} --overlap {overlap}: need tile >= 1 and "
+                            "0 <= overlap < tile")
+    elif args.tile is not None or args.overlap is not None:
+        raise UserError(f"--tile/--overlap: --mode {args.mode} uses test_large.py's fixed 512 px "
+                        "strips; drop them")
+    if args.base_kind is not None and (args.blend_light_source or args.light_threshold is not None):
+        raise UserError(f"--base-kind {args.base_kind} sets the light-source re-blend as the "
+                        "official script does; drop --blend-light-source/--light-threshold")
+    if args.light_threshold is not None and not args.blend_light_source:
+        raise UserError("--light-threshold only makes sense with --blend-light-source")
+    if args.base_kind is not None:
+        threshold = official_light_threshold(args.base_kind, args.mode)
+    elif args.blend_light_source:
+        threshold = (OFFICIAL_LIGHT_THRESHOLDS[args.mode]["flare7k"]
+                     if args.light_threshold is None else args.light_threshold)
+    else:
+        threshold = None
+    images = list_images(args.input, "input folder")
     if args.output.resolve() == args.input.resolve():
         raise UserError(f"{args.output}: the output folder must differ from the input folder")
     device = resolve_device(args.device)
@@ -123,20 +136,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "arch": uformer.arch,
         "cascade": bool(args.cascade),
         "negative_checkpoint": str(args.negative or args.checkpoint) if args.cascade else None,
-        "tile": args.tile,
+        "mode": args.mode,
+        "base_kind": args.base_kind,
+        "tile": tile,  # None in flare7k-large mode: 512 px strips every 256 px, fixed
         "overlap": overlap,
-        "light_source_blend": "flare7k_test_py" if args.blend_light_source else "none",
-        "light_threshold": args.light_threshold if args.blend_light_source else None,
+        "light_source_blend": ("none" if threshold is None else
+                               "flare7k_test_py" if args.mode == "native" else
+                               "flare7k_test_large_py"),
+        "light_threshold": threshold,
         "device": str(device),
-        "outputs": "deflared RGB, channels 0:3 of the network output",
+        "outputs": ("deflared RGB, channels 0:3 of the network output" if args.mode == "native"
+                    else "deflared RGB as test_large.py: the input minus the predicted flare "
+                         "(|resized input - deflared| in uint8, bicubic-upsampled)"),
         "images": [],
     }
     for path in tqdm(images, desc="deflare", unit="img"):
         x = to_tensor(read_rgb(path), device=device).unsqueeze(0)  # (1, 3, H, W)
-        out = remove_flare(model, x, tile=args.tile, overlap=overlap,
-                           blend_light=args.blend_light_source, light_threshold=args.light_threshold)
+        out = deflare(model, x, mode=args.mode, light_threshold=threshold,
+                      tile=DEFAULT_TILE if tile is None else tile, overlap=overlap)
         target = args.output / f"{path.stem}.png"
-        write_png(target, to_uint8(out[0, :3]))
+        write_png(target, to_uint8(out[0]))
         metadata["images"].append({"input": path.name, "output": target.name})
     atomic_write_json(args.output / "metadata.json", metadata)
     return metadata

@@ -11,7 +11,7 @@ import torch
 
 from cascade.data.images import read_rgb, to_tensor, to_uint8, write_png
 from cascade.infer import build_parser, main
-from cascade.model import CascadedFlareRemover
+from cascade.model import CascadedFlareRemover, flare7k_large, official_output
 from cascade.uformer import Uformer, save_checkpoint
 
 TINY = dict(img_size=64, embed_dim=8, depths=(1,) * 9, win_size=4)
@@ -121,3 +121,79 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, setup: tuple[Path, Pat
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+
+# -- --mode and --base-kind -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def light_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one 24x24 photo: dark noise and a saturated 10x10 light."""
+    folder = tmp_path_factory.mktemp("light") / "in"
+    array = np.random.default_rng(2).integers(0, 100, (24, 24, 3), dtype=np.uint8)
+    array[6:16, 8:18] = 255
+    write_png(folder / "light.png", array)
+    return folder
+
+
+def test_help_documents_mode_and_base_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--mode {native,flare7k-large}" in text and "(default: native)" in text
+    assert "--base-kind {flare7k,flare7kpp}" in text and "test_large.py: 0.95" in text
+
+
+def test_base_kind_native_is_test_py(tmp_path: Path, setup: tuple[Path, Path, Uformer],
+                                     light_photo: Path) -> None:
+    checkpoint, _, model = setup
+    x = to_tensor(read_rgb(light_photo / "light.png"))[None]
+    outputs = {}
+    for kind in ("flare7k", "flare7kpp"):
+        out = tmp_path / kind
+        main(["--checkpoint", str(checkpoint), "--input", str(light_photo), "--output", str(out),
+              "--base-kind", kind])
+        outputs[kind] = read_rgb(out / "light.png")
+        assert np.array_equal(outputs[kind], to_uint8(official_output(model, x, kind)[0]))
+        meta = json.loads((out / "metadata.json").read_text())
+        assert meta["mode"] == "native" and meta["base_kind"] == kind and meta["tile"] == 512
+        assert meta["light_source_blend"] == ("flare7k_test_py" if kind == "flare7k" else "none")
+        assert meta["light_threshold"] == (0.97 if kind == "flare7k" else None)
+    # flare7kpp: the network's channels 0:3; flare7k: the light taken back from the input.
+    assert np.array_equal(outputs["flare7kpp"], expected_png(model, light_photo / "light.png"))
+    assert (outputs["flare7k"][11, 13] == 255).all() and not (outputs["flare7kpp"][11, 13] == 255).all()
+
+
+def test_flare7k_large_mode(tmp_path: Path, setup: tuple[Path, Path, Uformer],
+                            light_photo: Path) -> None:
+    checkpoint, _, model = setup
+    out = tmp_path / "out"
+    main(["--checkpoint", str(checkpoint), "--input", str(light_photo), "--output", str(out),
+          "--mode", "flare7k-large", "--base-kind", "flare7k"])
+    x = to_tensor(read_rgb(light_photo / "light.png"))[None]
+    got = read_rgb(out / "light.png")
+    assert got.shape == (24, 24, 3)
+    assert np.array_equal(got, to_uint8(flare7k_large(model, x, light_threshold=0.95)[0]))
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["mode"] == "flare7k-large" and meta["base_kind"] == "flare7k"
+    assert meta["tile"] is None and meta["overlap"] is None
+    assert meta["light_source_blend"] == "flare7k_test_large_py" and meta["light_threshold"] == 0.95
+
+
+def test_mode_and_blend_errors(tmp_path: Path, setup: tuple[Path, Path, Uformer],
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint, inputs, _ = setup
+    base = ["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(tmp_path / "o")]
+    cases = [
+        (["--mode", "flare7k-large", "--tile", "256"], "--mode flare7k-large uses test_large.py"),
+        (["--base-kind", "flare7k", "--blend-light-source"], "drop --blend-light-source"),
+        (["--light-threshold", "0.9"], "--light-threshold only makes sense with --blend-light"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            main([*base, *argv])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as info:  # argparse's own choice check
+        main([*base, "--base-kind", "flare7k_v1"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
