@@ -18,7 +18,7 @@ SWEEP_ARGS ?=
 SPACE_FILE := search_spaces/$(SPACE).yaml
 SWEEP_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(BACKGROUNDS),--backgrounds $(BACKGROUNDS)) $(if $(TEST_DATA),--test-data $(TEST_DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(STORAGE),--storage $(STORAGE)) $(SWEEP_ARGS)
 
-.PHONY: help setup sweep table1 status test test-fast lint bench horovod clean distclean
+.PHONY: help setup sweep table1 status test test-fast lint bench gpu-check horovod clean distclean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,7 +35,7 @@ setup: $(STAMP) ## Create .venv and install flaresweep with its dependencies (on
 sweep: $(STAMP) ## Run (or resume) the sweep SPACE (default: the embedded CPU demo)
 	$(PY) sweep.py run $(SWEEP_OPTS)
 
-table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), deltas and figures for SPACE into results/
+table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), differences and figures for SPACE into results/
 	$(PY) sweep.py table1 --space $(SPACE_FILE)
 
 status: $(STAMP) ## One line per cell of SPACE: done / running / failed / stopped / interrupted / pending
@@ -52,6 +52,9 @@ lint: $(STAMP) ## ruff over the code
 
 bench: $(STAMP) ## Run the benchmarks in bench/ (prints side-by-side ratios)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+gpu-check: $(STAMP) ## Measure what only a GPU can show, <= 5 min (OUT=gpu_check_out; docs/performance.md "On a GPU")
+	PYTHON=$(PY) bash bench/gpu_check.sh
 
 horovod: $(STAMP) ## Build Horovod 0.28.1 (patched for C++20) into .venv; optional backend
 	bash scripts/build_horovod.sh $(PY)

@@ -27,10 +27,11 @@ rest of the loss, backward, optimizer) and the table of where its time goes is p
 top operators by self CPU time. Each kind's FLOPs per step are counted once in an extra eager
 step (`torch.utils.flop_counter`, forward + backward, 2 per multiply-add; `--no-flops` skips it)
 and turned into achieved TFLOP/s and model FLOPs utilisation (MFU: achieved / the device's dense
-peak at `--precision`, from a datasheet table for known GPUs or `--peak-tflops`); on CUDA the peak
-memory of one step of each kind is printed, with MiB per image above what stays resident (weights,
-gradients, optimizer state). The floor of the ratio is 1 + F/(F+B) ~ 1.33 (one extra no-grad
-forward) plus the encoder's passes. Not a timed test: CI runs it with
+peak at `--precision`, from a datasheet table for known GPUs or `--peak-tflops`, printed with where
+it comes from); on CUDA the peak memory of one step of each kind is printed, with MiB per image
+above what stays resident (weights, gradients, optimizer state). The floor of the ratio is 1 + F/(F+B) ~ 1.33 (one extra no-grad
+forward) plus the encoder's passes. `main(argv)` returns one dict per encoder (configuration and
+every printed figure); bench/gpu_check.py collects them. Not a timed test: CI runs it with
 `--size 32 --embed-dim 8 --depth 1 --encoders none --repeats 1`.
 """
 
@@ -61,12 +62,17 @@ PHASES = ("negative fwd (no grad)", "anchor fwd", "loss", "backward", "optimizer
 ENC_TARGETS = "  encoder fwd pos+neg (no grad)"
 ENC_ANCHOR = "  encoder fwd anchor (grad)"
 # Dense peak TFLOP/s by (GPU name fragment, precision), from the vendors' datasheets, for MFU.
-# "fp32" is the non-tensor-core fp32 rate: torch leaves TF32 matmuls off by default.
+# The datasheets give bf16 tensor-core rates "with sparsity"; the dense rate is half of that
+# (H100/H200 SXM: 1,979 -> 989.4). "fp32" is the non-tensor-core fp32 rate: torch leaves TF32
+# matmuls off by default (cuDNN convolutions may still use TF32; the Uformer's FLOPs are mostly
+# matmuls). First match wins, so the longer names come first ("H200 NVL" before "H200").
+# Sources: nvidia.com/en-us/data-center/{h100,h200,a100,l40s}/ (datasheet tables).
 PEAK_TFLOPS = (
     ("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}),
     ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
     ("H100", {"bf16": 989.4, "fp32": 66.9}),  # SXM
-    ("H200", {"bf16": 989.4, "fp32": 66.9}),
+    ("H200 NVL", {"bf16": 835.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.4, "fp32": 66.9}),  # SXM (also matches GH200, same GPU rates)
     ("A100", {"bf16": 312.0, "fp32": 19.5}),
     ("L40S", {"bf16": 362.1, "fp32": 91.6}),
 )
@@ -143,17 +149,22 @@ def count_flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
-    """The device's dense peak for `precision` (--peak-tflops wins); None when unknown."""
+def peak_tflops(device: torch.device, precision: str, override: float | None
+                ) -> tuple[float | None, str]:
+    """(the device's dense peak TFLOP/s for `precision`, where that number comes from).
+
+    --peak-tflops wins; else the PEAK_TFLOPS row whose fragment is in the CUDA device name;
+    (None, why) on the CPU or for a GPU the table does not know.
+    """
     if override:
-        return override
+        return override, "--peak-tflops"
     if device.type != "cuda":
-        return None
+        return None, "none on the CPU"
     name = torch.cuda.get_device_name(device)
     for fragment, peaks in PEAK_TFLOPS:
         if fragment in name:
-            return peaks[precision]
-    return None
+            return peaks[precision], f"datasheet, dense {precision}: bench_step.PEAK_TFLOPS[{fragment!r}]"
+    return None, f"unknown GPU {name!r}: pass --peak-tflops"
 
 
 def peak_memory(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
@@ -181,7 +192,7 @@ def profile_phases(step: Callable[[], None], device: torch.device) -> tuple[dict
 
 
 def bench_encoder(name: str, args: argparse.Namespace, device: torch.device,
-                  base: Uformer, inp: Tensor, gt: Tensor) -> dict[str, float]:
+                  base: Uformer, inp: Tensor, gt: Tensor) -> dict[str, float | str]:
     bf16 = args.precision == "bf16"
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     plain_model = copy.deepcopy(base).to(device, memory_format=fmt).train()
@@ -212,7 +223,8 @@ def bench_encoder(name: str, args: argparse.Namespace, device: torch.device,
     med = {f"{k}_{m}": statistics.median(t[i] for t in v)
            for k, v in times.items() for i, m in enumerate(("wall", "cpu"))}
     med["warm_plain_wall"], med["warm_cascade_wall"] = warm["plain"][0], warm["cascade"][0]
-    peak = peak_tflops(device, args.precision, args.peak_tflops)
+    peak, med["peak_source"] = peak_tflops(device, args.precision, args.peak_tflops)
+    med["peak_tflops"] = peak if peak else float("nan")
     for k, step in (("plain", plain), ("cascade", casc)):
         if flops:
             med[f"{k}_gflop"] = flops[k] / 1e9
@@ -256,7 +268,9 @@ def _fmt(values: dict[str, float], key: str, width: int, spec: str) -> str:
     return f"{'-' if value is None or value != value else format(value, spec):>{width}}"
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+def main(argv: list[str] | None = None) -> list[dict[str, float | str | bool]]:
+    """Run the benchmark; one dict per encoder: the configuration, the medians and derived
+    figures printed in the tables (seconds, GFLOP, TFLOP/s, MFU, MiB), `peak_source`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=128, help="image side (default 128)")
     parser.add_argument("--batch", type=int, default=2)
@@ -286,6 +300,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda":  # as cascade.train: cuBLAS needs it for deterministic algorithms
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)  # as cascade.train runs
     torch.utils.deterministic.fill_uninitialized_memory = args.nan_fill
     torch.manual_seed(args.seed)
@@ -305,10 +321,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
           + f", nan_fill {args.nan_fill}")
     print(f"Uformer embed_dim={args.embed_dim} depths=({args.depth},)*9 ({params / 1e6:.2f} M params), "
           f"batch {args.batch} x 3 x {args.size} x {args.size}, SGD momentum {MOMENTUM}")
+    peak, source = peak_tflops(device, args.precision, args.peak_tflops)
+    print(f"MFU peak: {f'{peak:g} TFLOP/s' if peak else 'none'} ({source})")
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    config = {"device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "size": args.size, "batch": args.batch, "embed_dim": args.embed_dim,
+              "depth": args.depth, "precision": args.precision, "compile": args.compile,
+              "channels_last": args.channels_last, "repeats": args.repeats}
     results = []
     for name in args.encoders:
-        results.append({"encoder": name, **bench_encoder(name, args, device, base, inp, gt)})
+        results.append({"encoder": name, **config, **bench_encoder(name, args, device, base, inp, gt)})
     load = os.getloadavg()
     print(f"\nsummary (batch {args.batch}, {args.size} px; ratio = cascade / plain step, medians)")
     print(f"{'encoder':<14}{'plain s':>9}{'cascade s':>11}{'ratio wall':>12}{'ratio CPU':>11}"

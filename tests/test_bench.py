@@ -1,8 +1,12 @@
 """Each benchmark still runs (tiny sizes; not timed). The numbers live in docs/performance.md."""
 
+import json
+import math
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,65 @@ def test_bench_runs_tiny(script, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert re.search(result_line, proc.stdout), proc.stdout[-2000:]
+
+
+def test_gpu_check_without_cuda_exits_at_once_with_one_line(tmp_path):
+    """No CUDA device (hidden here even on a GPU machine): one line on stderr, exit 3, seconds."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path / "out"),
+           "PYTHON": sys.executable}
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert re.fullmatch(r"gpu_check: error: no CUDA device: torch \S+ .*nothing measured; "
+                        r"log \S+/env\.log\n", proc.stderr), proc.stderr
+    assert elapsed < 60  # an import and a check, never a hang
+    assert not (tmp_path / "out" / "sections.csv").exists()  # no section ran
+
+
+# section -> (extra arguments, regex of its result line) of bench/gpu_check.py --dry-run
+GPU_CHECK_DRY = {
+    "step": (["--precisions", "fp32"],
+             r"(?m)^gpu_check step: 1/1 configurations ok, 1 rows -> \S+/step\.json$"),
+    "data": ([], r"(?m)^gpu_check data: flare7k synthesis on cpu at 32 px \(from 64 px\): [\d.]+ "
+                 r"pairs/s vs [\d.]+ pairs/s of a plain training step \([\d.]+x\), decoding "
+                 r"[\d.]+ s/batch of 2 \([\d.]+ loader workers needed\); 2 comparisons with "
+                 r"step\.json -> \S+/data\.json$"),
+    "eval": ([], r"(?m)^gpu_check eval: 4 images 64 px: predict [\d.]+ s on cpu, metrics "
+                 r"[\d.]+ s with 0 workers -> \S+/eval\.json$"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("section", sorted(GPU_CHECK_DRY))
+def test_gpu_check_dry_run(section, tmp_path):
+    """Each GPU section's code path runs on the CPU at a toy size and records what it printed."""
+    if section == "data":  # a cascade step of 0.5 s per batch of 2: 4 pairs/s to compare with
+        (tmp_path / "step.json").write_text(json.dumps({"rows": [{
+            "size": 32, "device": "cpu", "batch": 2, "cascade_wall": 0.5, "precision": "fp32",
+            "encoder": "none"}]}))
+    args, result_line = GPU_CHECK_DRY[section]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), section,
+                           "--dry-run", "--out", str(tmp_path), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.search(result_line, proc.stdout), proc.stdout[-2000:]
+    result = json.loads((tmp_path / f"{section}.json").read_text())
+    if section == "step":
+        (row,) = result["rows"]
+        assert (row["size"], row["batch"], row["encoder"], row["device"]) == (32, 1, "none", "cpu")
+        assert row["ratio_wall"] == pytest.approx(row["cascade_wall"] / row["plain_wall"])
+        assert row["peak_source"] == "none on the CPU" and math.isnan(row["cascade_mfu"])
+        header = (tmp_path / "step.csv").read_text().splitlines()[0]
+        assert header.startswith("size,batch,precision,compile,encoder,")
+    elif section == "data":
+        assert [r["source"] for r in result["rows"]] == ["flare7k", "procedural"]
+        for row, vs in zip(result["rows"], result["vs_trainer"]):
+            assert vs["step_pairs_per_s"] == pytest.approx(4.0)
+            assert vs["ratio"] == pytest.approx(row["synth_pairs_per_s"] / 4.0)
+            assert vs["synth_share"] == pytest.approx(4.0 / (4.0 + row["synth_pairs_per_s"]))
+        assert result["rows"][0]["decode_s"] > 0 and result["rows"][1]["decode_s"] is None
+    else:
+        assert result["n"] == 4 and [m["n_images"] for m in result["metrics"]] == [4]
