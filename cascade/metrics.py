@@ -5,7 +5,8 @@ region without defining the region versions, so every region metric here belongs
 protocol in `REGION_PROTOCOLS`, and the protocol is recorded with every result.
 
 Conventions shared by every function below:
-- Images are (H, W, 3) uint8 RGB in [0, 255]; all arithmetic is float64; `data_range = 255`.
+- Images are (H, W, 3) uint8 RGB in [0, 255]; all arithmetic is float64 (or exact integer
+  sums); `data_range = 255`.
 - Regions come from a Flare7K RGB mask through `cascade.masks.region_weights`: soft weights
   w in [0, 1] per pixel (streak = (R - G)/255, glare = G/255, global = 1 - B/255), applied to all
   three channels alike.
@@ -30,12 +31,19 @@ Region SSIM definitions (`SSIM_DEFINITIONS`):
 - "masked_images": SSIM of the masked images, `structural_similarity(gt*w, pred*w, ...)`: the mean
   of the SSIM map over the whole image minus the (win_size - 1)//2 border, channels averaged.
   Pixels whose window lies outside the region compare 0 with 0 and score exactly 1, so this
-  rewards small regions just like "masked_images" PSNR. Needs one SSIM map per region.
+  rewards small regions just like "masked_images" PSNR.
 - "region_mean": the w-weighted mean of the *unmasked* SSIM map S = structural_similarity(gt,
   pred, full=True)[1] (H, W, 3) over the region:
   sum_{p in V, c} w_p S_pc / (3 * sum_{p in V} w_p), V = pixels at least (win_size - 1)//2 from
   every edge (where skimage itself says the map is valid). One map serves every region. A region
   that lies entirely in that border has no SSIM row.
+
+The definitions say what the numbers are; the code gets them faster than calling skimage once
+per region (tests compare every value with those calls to 1e-9, the entire-image values bit for
+bit): one SSIM map per image, computed exactly as skimage does but only where its mean reads it
+(`_ssim_exact`); masked-image SSIM only in the tiles where w is neither 0 nor 1 across the window
+(`_masked_ssims`: elsewhere it is exactly 1, or the unmasked map); region PSNRs from one integer
+squared-error map. `bench/bench_metrics.py` measures the difference (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -48,11 +56,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from skimage.metrics import structural_similarity
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy.ndimage import correlate1d, uniform_filter1d
 
 from cascade.errors import UserError
-from cascade.io import IMAGE_SUFFIXES, image_files
-from cascade.masks import region_weights
+from cascade.io import list_images, pair_images
 
 if TYPE_CHECKING:  # pandas is imported lazily: pool workers never need it
     import pandas as pd
@@ -125,13 +133,20 @@ def _check_choice(name: str, value: str, choices: Mapping[str, Any]) -> None:
         raise UserError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
 
 
+# skimage's SSIM constants (K1 = 0.01, K2 = 0.03 of the data range) and its Gaussian truncation
+# (3.5 sigma: 11 taps at sigma = 1.5).
+_C1 = (0.01 * DATA_RANGE) ** 2
+_C2 = (0.03 * DATA_RANGE) ** 2
+_GAUSSIAN_TRUNCATE = 3.5
+
+
 def ssim_pad(ssim_window: str) -> int:
     """Width of the border where skimage's SSIM map is not valid: (win_size - 1) // 2."""
     _check_choice("ssim_window", ssim_window, SSIM_WINDOWS)
     kw = SSIM_WINDOWS[ssim_window]
     if kw["gaussian_weights"]:
-        # skimage: truncate = 3.5, radius = int(truncate * sigma + 0.5)
-        return int(3.5 * kw["sigma"] + 0.5)
+        # skimage: radius = int(truncate * sigma + 0.5), as scipy.ndimage rounds it
+        return int(_GAUSSIAN_TRUNCATE * kw["sigma"] + 0.5)
     return (kw["win_size"] - 1) // 2
 
 
@@ -158,38 +173,319 @@ def psnr_from_mse(mse: float, scale: float = 1.0) -> float:
     return float(10.0 * np.log10(DATA_RANGE**2 * scale / mse))
 
 
+# ---------------------------------------------------------------------------------------------
+# SSIM. skimage's structural_similarity stays the reference (the tests compare with it); these
+# compute its numbers faster: one exact SSIM map per image, and masked-image SSIM only where the
+# mask varies.
+
+
+@dataclass(frozen=True)
+class _Window:
+    """An SSIM window as skimage applies it."""
+
+    pad: int  # radius; the map is valid at least this far from every edge
+    taps: np.ndarray | None  # 1-D Gaussian taps (2 pad + 1,); None for the uniform box
+    cov_norm: float  # N / (N - 1) with sample covariance, else 1
+
+
+def _window(ssim_window: str) -> _Window:
+    kw = SSIM_WINDOWS[ssim_window]
+    pad = ssim_pad(ssim_window)
+    n = (2 * pad + 1) ** 2  # pixels in the 2-D window
+    taps = None
+    if kw["gaussian_weights"]:
+        # scipy's _gaussian_kernel1d, which skimage reaches through gaussian_filter. It is exactly
+        # symmetric, so correlate1d's reversal of it changes nothing.
+        x = np.arange(-pad, pad + 1)
+        taps = np.exp(-0.5 / (kw["sigma"] * kw["sigma"]) * x**2)
+        taps = taps / taps.sum()
+    return _Window(pad, taps, n / (n - 1) if kw["use_sample_covariance"] else 1.0)
+
+
+def _ssim_from_moments(
+    ux: np.ndarray,
+    uy: np.ndarray,
+    uxx: np.ndarray,
+    uyy: np.ndarray,
+    uxy: np.ndarray,
+    cov_norm: float,
+    out: np.ndarray,
+) -> np.ndarray:
+    """skimage's SSIM expression on filtered moments (same shapes), rounding for rounding.
+
+    Each operation is one of skimage's, in its order; only exact rewrites are used (x * 2 is
+    exact, so 2 * (cov_norm * t) == (2 * cov_norm) * t, and ux * uy serves both of its uses).
+    uxx, uyy and uxy are overwritten.
+    """
+    uxuy = ux * uy
+    uxux = ux * ux  # skimage's ux**2 is this product
+    uyuy = uy * uy
+    vx = np.subtract(uxx, uxux, out=uxx)
+    vy = np.subtract(uyy, uyuy, out=uyy)
+    vxy = np.subtract(uxy, uxuy, out=uxy)
+    if cov_norm != 1.0:  # skimage multiplies by 1.0 too, which changes nothing
+        vx *= cov_norm
+        vy *= cov_norm
+    vxy *= 2.0 * cov_norm
+    a1 = np.multiply(uxuy, 2.0, out=uxuy)
+    a1 += _C1  # A1 = 2 ux uy + C1
+    a2 = np.add(vxy, _C2, out=vxy)  # A2 = 2 vxy + C2
+    b1 = np.add(uxux, uyuy, out=uxux)
+    b1 += _C1  # B1 = ux^2 + uy^2 + C1
+    b2 = np.add(vx, vy, out=vx)
+    b2 += _C2  # B2 = vx + vy + C2
+    np.multiply(a1, a2, out=a1)
+    np.multiply(b1, b2, out=b1)
+    return np.divide(a1, b1, out=out)  # (A1 A2) / (B1 B2)
+
+
+_BLOCK_ROWS = 32  # map rows per block: a block's moment planes stay in the CPU cache
+
+
+def _ssim_exact(gt: np.ndarray, pred: np.ndarray, ssim_window: str) -> tuple[float, np.ndarray]:
+    """structural_similarity(gt, pred, channel_axis=2, data_range=255, **SSIM_WINDOWS[window]).
+
+    Bit for bit the same mean, and the same map where it is valid, 3-5x faster (see
+    docs/performance.md): skimage runs ten scipy passes per channel over the whole image, half of
+    them along the strided axis, then 28 whole-image array operations; this computes only the map
+    rows its mean reads, in blocks that stay in cache:
+    - first pass (along H) only for map rows pad..H-pad, which never reach skimage's padding.
+      Uniform: sums of 7 integers are exact in any order, so int32 sums / 7 are scipy's running
+      sums / 7. Gaussian: scipy's symmetric correlate1d order (centre tap, then
+      (x[-j] + x[j]) * w[j] from the outermost pair in), vectorised over rows.
+    - second pass (along W) by scipy itself (uniform_filter1d / correlate1d, reflect), on blocks
+      of rows holding all five moments.
+    - `_ssim_from_moments`, then skimage's per-channel means over the same (H', W') view.
+
+    Args:
+        gt, pred: (H, W, 3) uint8, H and W >= the window.
+    Returns:
+        (mean SSIM, map (3, H, W) float64; NaN within `pad` of an edge).
+    """
+    win = _window(ssim_window)
+    r, taps = win.pad, win.taps
+    size = 2 * r + 1
+    h, w, _ = gt.shape
+    hv = h - 2 * r
+    full = np.full((3, h, w), np.nan)
+    rows = min(_BLOCK_ROWS, hv)
+    # moment planes per block (gt, pred, gt^2, pred^2, gt*pred) over the rows the block reads
+    planes = np.empty((5, rows + 2 * r, w), np.int32 if taps is None else np.float64)
+    sums = np.empty((5, rows, w), np.int32)
+    first = np.empty((5, rows, w))
+    second = np.empty((5, rows, w))
+    means = np.empty(3)
+    for c in range(3):
+        x, y = gt[:, :, c], pred[:, :, c]
+        for h0 in range(0, hv, rows):
+            n = min(rows, hv - h0)
+            q = planes[:, : n + 2 * r]
+            q[0], q[1] = x[h0 : h0 + n + 2 * r], y[h0 : h0 + n + 2 * r]
+            np.multiply(q[0], q[0], out=q[2])
+            np.multiply(q[1], q[1], out=q[3])
+            np.multiply(q[0], q[1], out=q[4])
+            u = first[:, :n]
+            if taps is None:
+                s = np.add(q[:, :n], q[:, 1 : n + 1], out=sums[:, :n])
+                for i in range(2, size):
+                    s += q[:, i : i + n]
+                np.divide(s, size, out=u)  # scipy divides its (exact) running sum by the size
+                f = uniform_filter1d(u, size, axis=-1, output=second[:, :n])
+            else:
+                np.multiply(q[:, r : r + n], taps[r], out=u)
+                t = second[:, :n]  # scratch until the second pass writes it
+                for j in range(r, 0, -1):
+                    np.add(q[:, r - j : r - j + n], q[:, r + j : r + j + n], out=t)
+                    t *= taps[r - j]
+                    u += t
+                f = correlate1d(u, taps, axis=-1, output=second[:, :n])
+            _ssim_from_moments(*f, win.cov_norm, out=full[c, r + h0 : r + h0 + n])
+        # skimage: crop(S, pad).mean() per channel, a view of this shape and these strides
+        means[c] = full[c, r : h - r, r : w - r].mean(dtype=np.float64)
+    full[:, :, :r] = np.nan
+    full[:, :, w - r :] = np.nan
+    return float(means.mean()), full
+
+
 def ssim_map(
     gt: np.ndarray, pred: np.ndarray, ssim_window: str = "uniform"
 ) -> tuple[float, np.ndarray]:
-    """skimage SSIM of two (H, W, 3) images in [0, 255] and its full map.
+    """skimage SSIM of two (H, W, 3) uint8 images in [0, 255] and its map.
 
     Returns:
-        (mean SSIM exactly as skimage returns it, map (H, W, 3) float64). The map is only valid
-        at least `ssim_pad(ssim_window)` pixels from every edge.
+        (mean SSIM exactly as skimage returns it, map (H, W, 3) float64). The map equals skimage's
+        at least `ssim_pad(ssim_window)` pixels from every edge, where skimage says it is valid,
+        and is NaN closer to an edge.
     """
     _check_choice("ssim_window", ssim_window, SSIM_WINDOWS)
-    value, full = structural_similarity(
-        gt, pred, channel_axis=2, data_range=DATA_RANGE, full=True, **SSIM_WINDOWS[ssim_window]
-    )
-    return float(value), full
+    value, full = _ssim_exact(gt, pred, ssim_window)
+    return value, full.transpose(1, 2, 0)
 
 
 def region_mean_ssim(full: np.ndarray, w: np.ndarray, pad: int) -> float | None:
     """w-weighted mean of an SSIM map over its valid area, channels averaged.
 
     Args:
-        full: (H, W, 3) SSIM map. w: (H, W) weights in [0, 1]. pad: invalid border width.
+        full: (H, W, 3) SSIM map. w: (H, W) weights >= 0 (their scale cancels). pad: invalid
+            border width.
     Returns:
         sum(w * S) / (3 * sum(w)) over pixels >= pad from every edge; None if w is 0 there.
     """
     h, wd = w.shape
-    wv = w[pad : h - pad, pad : wd - pad]
-    total = float(wv.sum())
+    valid = (slice(pad, h - pad), slice(pad, wd - pad))
+    return _weighted_mean(full[valid].sum(axis=2), w[valid], channels=full.shape[2])
+
+
+def _weighted_mean(channel_sum: np.ndarray, w: np.ndarray, channels: int) -> float | None:
+    """sum(w * channel_sum) / (channels * sum(w)) over (H', W'); None if w is 0 throughout."""
+    total = float(w.sum())
     if total == 0.0:
         return None
-    sv = full[pad : h - pad, pad : wd - pad, :]
-    # (H', W') x (H', W', 3) summed over pixels and channels
-    return float(np.einsum("ij,ijc->", wv, sv) / (3.0 * total))
+    return float(np.einsum("ij,ij->", w, channel_sum) / (channels * total))
+
+
+# Masked-image SSIM is computed in tiles of this many map pixels a side (16 to 20 measured
+# fastest on 512 x 512 Flare7K-like masks: smaller tiles skip more, larger ones waste less on
+# the window's reach), a batch of tiles at a time (a batch's planes, ~2 MB, stay in cache).
+_TILE = 16
+_TILE_BATCH = 32
+
+
+def _masked_ssims(
+    gt: np.ndarray, pred: np.ndarray, levels: list[np.ndarray], full: np.ndarray, ssim_window: str
+) -> list[float]:
+    """skimage SSIM of gt*w vs pred*w (the masked images) for each w = level / 255.
+
+    Computed only where it has to be: a pixel whose window has w = 0 throughout compares 0 with 0
+    and scores exactly 1; one whose window has w = 1 throughout sees the unmasked images, so it
+    scores what `full` holds there. The map is split into tiles; tiles with any other pixel are
+    computed from the masked images as skimage builds them (float64 gt * w), with valid-mode
+    filters (sums of 7 x 7, or the Gaussian taps). The mean differs from skimage's by rounding
+    only (~1e-15; its filters are running sums, these are direct sums).
+
+    Args:
+        gt, pred: (H, W, 3) uint8. levels: (H, W) uint8 region weights x 255.
+        full: `_ssim_exact`'s map (3, H, W) of gt vs pred.
+    Returns:
+        One mean SSIM per level map, channels averaged as skimage does.
+    """
+    win = _window(ssim_window)
+    r, t = win.pad, _TILE
+    h, w, _ = gt.shape
+    hv, wv = h - 2 * r, w - 2 * r
+    na, nb = -(-hv // t), -(-wv // t)  # tiles over the valid map
+    side = t + 2 * r  # a tile's input: its pixels plus the window's reach
+    hp, wp = na * t + 2 * r, nb * t + 2 * r
+    # pixels of the valid map per tile (the last row/column of tiles may be partial)
+    npix = np.minimum(t, hv - t * np.arange(na))[:, None] * np.minimum(t, wv - t * np.arange(nb))
+    tile_sums: np.ndarray | None = None  # (na, nb): the unmasked map summed over tile and RGB
+    padded: tuple[np.ndarray, np.ndarray] | None = None
+    out = []
+    for level in levels:
+        lp = np.zeros((hp, wp), np.uint8)
+        lp[:h, :w] = level
+        lmax = _tile_reduce(np.maximum, lp, t, side, (na, nb))
+        lp[h:], lp[:, w:] = 255, 255  # neutral for the minimum
+        lmin = _tile_reduce(np.minimum, lp, t, side, (na, nb))
+        lp[h:], lp[:, w:] = 0, 0
+        outside, inside = lmax == 0, lmin == 255
+        total = 3.0 * float(npix[outside].sum())
+        if inside.any():
+            if tile_sums is None:
+                grid = np.zeros((na * t, nb * t))
+                np.sum(full[:, r : h - r, r : w - r], axis=0, out=grid[:hv, :wv])
+                tile_sums = grid.reshape(na, t, nb, t).sum(axis=(1, 3))
+            total += float(tile_sums[inside].sum())
+        ia, ib = np.nonzero(~outside & ~inside)
+        if len(ia) and padded is None:
+            padded = (np.zeros((hp, wp, 3), np.uint8), np.zeros((hp, wp, 3), np.uint8))
+            padded[0][:h, :w], padded[1][:h, :w] = gt, pred
+        for s in range(0, len(ia), _TILE_BATCH):
+            a, b = ia[s : s + _TILE_BATCH] * t, ib[s : s + _TILE_BATCH] * t
+            total += _tile_ssim_sum(padded, lp, a, b, win, (hv, wv))
+        out.append(total / (3.0 * hv * wv))
+    return out
+
+
+def _tile_reduce(
+    op: np.ufunc, image: np.ndarray, t: int, side: int, tiles: tuple[int, int]
+) -> np.ndarray:
+    """op (np.maximum / np.minimum) over each window image[a t : a t + side, b t : b t + side].
+
+    Separable, over strided slices: side row slices, then side column slices, instead of a
+    reduction over an (na, nb, side, side) window view (several times slower in numpy).
+    Returns (na, nb).
+    """
+    na, nb = tiles
+    rows = image[0 : (na - 1) * t + 1 : t].copy()  # (na, W_p): rows a t
+    for i in range(1, side):
+        op(rows, image[i : i + (na - 1) * t + 1 : t], out=rows)
+    out = rows[:, 0 : (nb - 1) * t + 1 : t].copy()
+    for j in range(1, side):
+        op(out, rows[:, j : j + (nb - 1) * t + 1 : t], out=out)
+    return out
+
+
+def _tile_ssim_sum(
+    padded: tuple[np.ndarray, np.ndarray],
+    level: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    win: _Window,
+    valid: tuple[int, int],
+) -> float:
+    """Sum over RGB and valid pixels of the masked-image SSIM map of tiles at input rows a, cols b.
+
+    padded: zero-padded (H_p, W_p, 3) uint8 gt and pred; level: (H_p, W_p) uint8 weights x 255;
+    valid: (H', W') size of the valid map, whose pixel (i, j) is image pixel (i + pad, j + pad).
+    """
+    r, t = win.pad, _TILE
+    side = t + 2 * r
+    n = len(a)
+    wt = sliding_window_view(level, (side, side))[a, b][:, None] / 255.0  # (n, 1, side, side)
+    q = np.empty((5, n, 3, side, side))
+    for i, image in enumerate(padded):
+        np.multiply(sliding_window_view(image, (side, side), axis=(0, 1))[a, b], wt, out=q[i])
+    np.multiply(q[0], q[0], out=q[2])
+    np.multiply(q[1], q[1], out=q[3])
+    np.multiply(q[0], q[1], out=q[4])
+    if win.taps is None:  # 7 x 7 means: sums over rows, then columns, / 49
+        size = 2 * r + 1
+        rows = q[..., 0:t, :] + q[..., 1 : t + 1, :]
+        for i in range(2, size):
+            rows += q[..., i : i + t, :]
+        m = rows[..., 0:t] + rows[..., 1 : t + 1]
+        for i in range(2, size):
+            m += rows[..., i : i + t]
+        m /= size * size
+    else:
+        taps = win.taps
+        rows = q[..., r : r + t, :] * taps[r]
+        for j in range(r, 0, -1):
+            rows += (q[..., r - j : r - j + t, :] + q[..., r + j : r + j + t, :]) * taps[r - j]
+        m = rows[..., r : r + t] * taps[r]
+        for j in range(r, 0, -1):
+            m += (rows[..., r - j : r - j + t] + rows[..., r + j : r + j + t]) * taps[r - j]
+    ssim = _ssim_from_moments(*m, win.cov_norm, out=np.empty((n, 3, t, t)))
+    # tiles of the last row/column reach past the valid map: those pixels do not count
+    inside = ((a[:, None] + np.arange(t)) < valid[0])[:, :, None] & (
+        (b[:, None] + np.arange(t)) < valid[1]
+    )[:, None, :]
+    return float(np.einsum("nctu,ntu->", ssim, inside.astype(np.float64)))
+
+
+def _region_levels(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """`cascade.masks.region_weights` x 255 as integers: (H, W) uint8 per region, w = level / 255.
+
+    Integer weights keep the region PSNR sums exact and let tiles be classified by w = 0 / w = 1
+    exactly; a test checks they match region_weights.
+    """
+    red, green, blue = mask[..., 0], mask[..., 1], mask[..., 2]
+    return {
+        "streak": np.clip(red.astype(np.int16) - green, 0, 255).astype(np.uint8),
+        "glare": np.ascontiguousarray(green),
+        "global": 255 - blue,
+    }
 
 
 def evaluate_pair(
@@ -219,44 +515,45 @@ def evaluate_pair(
     _check_images(pred, gt, mask, ssim_window)
     proto = REGION_PROTOCOLS[protocol]
     pad = ssim_pad(ssim_window)
-    g = gt.astype(np.float64)
-    p = pred.astype(np.float64)
-
-    # Entire image: skimage's own numbers (its PSNR is this same MSE formula on float64).
-    entire_ssim, full = ssim_map(gt, pred, ssim_window)
+    h, w, _ = gt.shape
+    entire_ssim, full = _ssim_exact(gt, pred, ssim_window)
+    # Squared error per pixel summed over RGB: integers, so every sum of it below is exact and the
+    # entire-image MSE equals skimage's float64 mean bit for bit.
+    sq = gt.astype(np.int32) - pred
+    sq *= sq
+    err = sq[..., 0] + sq[..., 1]
+    err += sq[..., 2]
+    err = err.astype(np.int64)  # (H, W), <= 3 * 255^2; int64 for the sums below
+    n = 3 * h * w
     rows = [
-        {
-            "region": "entire",
-            "metric": "psnr",
-            "value": psnr_from_mse(float(np.mean((g - p) ** 2))),
-        },
+        {"region": "entire", "metric": "psnr", "value": psnr_from_mse(int(err.sum()) / n)},
         {"region": "entire", "metric": "ssim", "value": entire_ssim},
     ]
 
-    weights = region_weights(mask)
+    levels = {r: k for r, k in _region_levels(mask).items() if r in proto.regions and k.any()}
+    ssim_by_region: dict[str, float | None] = {}
+    ssim_regions = [r for r in levels if r in _SSIM_REGIONS]
+    if proto.ssim == "masked_images":
+        found = _masked_ssims(gt, pred, [levels[r] for r in ssim_regions], full, ssim_window)
+        ssim_by_region = dict(zip(ssim_regions, found))
+    elif ssim_regions:  # region_mean: one map serves every region (region_mean_ssim, shared sum)
+        valid = (slice(pad, h - pad), slice(pad, w - pad))
+        channel_sum = full[(slice(None), *valid)].sum(axis=0)  # (H', W')
+        for region in ssim_regions:
+            ssim_by_region[region] = _weighted_mean(channel_sum, levels[region][valid], channels=3)
+
     psnr_by_region: dict[str, float] = {}
-    for region in proto.regions:
-        w = weights[region]
-        if not w.any():  # absent region: skipped, not zero
+    for region in proto.regions:  # absent regions (all-zero weights) are skipped, not zero
+        if region not in levels:
             continue
-        w3 = w[..., None]  # (H, W, 1), broadcast over RGB
-        gm, pm = g * w3, p * w3  # Flare7K masks both images, then subtracts
-        mse = float(np.mean((gm - pm) ** 2))
-        scale = float(w.mean()) if proto.psnr == "area_normalised" else 1.0
+        k = levels[region].astype(np.int64)
+        # mean((gt*w - pred*w)^2) with w = k / 255: sum(k^2 err) / 255^2, exact in int64
+        mse = float(np.dot((k * k).ravel(), err.ravel())) / (DATA_RANGE**2 * n)
+        scale = float(k.sum()) / (DATA_RANGE * h * w) if proto.psnr == "area_normalised" else 1.0
         psnr_by_region[region] = psnr_from_mse(mse, scale)
         rows.append({"region": region, "metric": "psnr", "value": psnr_by_region[region]})
-        if region not in _SSIM_REGIONS:
-            continue
-        if proto.ssim == "masked_images":
-            ssim: float | None = float(
-                structural_similarity(
-                    gm, pm, channel_axis=2, data_range=DATA_RANGE, **SSIM_WINDOWS[ssim_window]
-                )
-            )
-        else:
-            ssim = region_mean_ssim(full, w, pad)
-        if ssim is not None:
-            rows.append({"region": region, "metric": "ssim", "value": ssim})
+        if ssim_by_region.get(region) is not None:
+            rows.append({"region": region, "metric": "ssim", "value": ssim_by_region[region]})
 
     if proto.score and all(r in psnr_by_region for r in ("glare", "streak", "global")):
         score = (psnr_by_region["glare"] + psnr_by_region["streak"] + psnr_by_region["global"]) / 3
@@ -384,58 +681,17 @@ def evaluate_arrays(
     return _frame(_run_jobs(jobs, workers, progress), protocol, ssim_window)
 
 
-def _pairing_key(stem: str, folder_prefixes: tuple[str, ...]) -> str:
-    """`gt_000001` -> `000001` when the stem starts with a folder-style prefix."""
-    for prefix in folder_prefixes:
-        if stem.startswith(prefix + "_") and len(stem) > len(prefix) + 1:
-            return stem[len(prefix) + 1 :]
-    return stem
-
-
-# Flare7K(++) test sets name files input_000000.png, gt_000000.png, mask_000000.png.
-_FOLDER_PREFIXES = ("input", "gt", "mask", "pred", "output", "deflare", "blend", "flare")
-
-
-def list_images(folder: PathLike) -> dict[str, Path]:
-    """Image files of a folder by stem (suffixes in IMAGE_SUFFIXES, any case, not recursive)."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such folder")
-    files: dict[str, Path] = {}
-    for f in image_files(path):
-        if f.stem in files:
-            raise UserError(f"{path}: two images named {f.stem!r} ({files[f.stem].name}, {f.name})")
-        files[f.stem] = f
-    if not files:
-        raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
 def pair_files(
     pred_dir: PathLike, gt_dir: PathLike, mask_dir: PathLike
 ) -> list[tuple[str, Path, Path, Path]]:
     """(key, pred, gt, mask) paths paired by file stem, sorted by key.
 
-    Stems must match exactly, or match once a folder-style prefix is dropped (Flare7K's
-    `gt_000000` / `mask_000000`, ours `input_000000`, ...). Anything unpaired is a UserError
-    naming it.
+    The pairing rule is `cascade.io.pair_images` (shared with the test sets): stems match
+    exactly, or once a folder-style prefix is dropped (Flare7K's `gt_000000` / `mask_000000`,
+    ours `input_000000`, ...). Anything unpaired is a UserError naming it.
     """
     folders = {"pred": pred_dir, "gt": gt_dir, "mask": mask_dir}
-    listed = {name: list_images(folder) for name, folder in folders.items()}
-    stems = [set(files) for files in listed.values()]
-    if stems[0] == stems[1] == stems[2]:
-        keyed = {name: dict(files) for name, files in listed.items()}
-    else:
-        keyed: dict[str, dict[str, Path]] = {}
-        for name, files in listed.items():
-            keyed[name] = {}
-            for stem, path in files.items():
-                key = _pairing_key(stem, _FOLDER_PREFIXES)
-                if key in keyed[name]:
-                    raise UserError(
-                        f"{folders[name]}: {keyed[name][key].name} and {path.name} pair as {key!r}"
-                    )
-                keyed[name][key] = path
+    keyed = pair_images({name: list_images(folder) for name, folder in folders.items()})
     keys = set(keyed["gt"])
     for name in ("pred", "mask"):
         missing = sorted(keys - set(keyed[name]))

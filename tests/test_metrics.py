@@ -16,9 +16,11 @@ from cascade.metrics import (
     PSNR_CAP_DB,
     REGION_PROTOCOLS,
     SSIM_WINDOWS,
+    _region_levels,
     evaluate_arrays,
     evaluate_pair,
     region_mean_ssim,
+    ssim_map,
     ssim_pad,
     summarize,
 )
@@ -231,3 +233,159 @@ def test_process_pool_matches_in_process() -> None:
     serial = evaluate_arrays(items, protocol="flare7k", workers=0)
     parallel = evaluate_arrays(items, protocol="flare7k", workers=2)
     pd.testing.assert_frame_equal(serial, parallel)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths against scikit-image computed the naive way: one skimage call per region.
+
+
+def skimage_reference(
+    pred: np.ndarray, gt: np.ndarray, mask: np.ndarray, protocol: str, window: str
+) -> dict[tuple[str, str], float]:
+    """Every row of `evaluate_pair`, computed directly from the definitions with skimage."""
+    kw = {"channel_axis": 2, "data_range": 255, **SKIMAGE_WINDOW[window]}
+    out = {
+        ("entire", "psnr"): peak_signal_noise_ratio(gt, pred, data_range=255),
+        ("entire", "ssim"): structural_similarity(gt, pred, **kw),
+    }
+    pad = {"uniform": 3, "gaussian": 5}[window]
+    valid = np.zeros(gt.shape[:2], bool)
+    valid[pad:-pad, pad:-pad] = True
+    regions = REGION_PROTOCOLS[protocol].regions
+    for region in regions:
+        w = region_weights(mask)[region]
+        if w.sum() == 0:
+            continue
+        gm, pm = gt * w[..., None], pred * w[..., None]
+        if protocol == "masked":
+            out[region, "psnr"] = peak_signal_noise_ratio(gm, pm, data_range=255)
+            out[region, "ssim"] = structural_similarity(gm, pm, **kw)
+            continue
+        mse = np.mean((gm - pm) ** 2)
+        out[region, "psnr"] = math.inf if mse == 0 else 10 * np.log10(255.0**2 * np.mean(w) / mse)
+        if region != "global" and (w * valid).sum() > 0:
+            _, full = structural_similarity(gt, pred, full=True, **kw)
+            wv = w * valid
+            out[region, "ssim"] = (wv[..., None] * full).sum() / (3 * wv.sum())
+    if protocol == "flare7k" and all((r, "psnr") in out for r in regions):
+        out["score", "psnr"] = np.mean([out[r, "psnr"] for r in regions])
+    return out
+
+
+def structured_triplet(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pred, gt) uint8 (h, w, 3): smooth gradients, a bright disc; pred = gt + a flare residue."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    ramps = [60 + 120 * (yy / h) ** (c + 1) + 40 * np.sin(xx / (3 + c)) for c in range(3)]
+    gt = np.stack(ramps, axis=-1)
+    gt[(yy - h / 3) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 5) ** 2] = 250
+    residue = 50 * np.exp(-np.hypot(yy - h / 2, xx - w / 3) / 10)[..., None]
+    pred = gt + residue + rng.normal(0, 3, gt.shape)
+    return np.clip(pred, 0, 255).astype(np.uint8), np.clip(gt, 0, 255).astype(np.uint8)
+
+
+def region_cases(h: int, w: int, seed: int) -> dict[str, np.ndarray]:
+    """Flare7K masks (h, w, 3) covering every region combination the metrics distinguish."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    none = np.zeros((h, w), bool)
+    disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2
+    line = (np.abs(yy - xx * h / w) < 1.5) & ~disc
+    dot = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < 9
+    soft = np.zeros((h, w, 3), np.uint8)  # antialiased edges: fractional weights, R < G at places
+    soft[disc] = (255, 255, 0)
+    edge = np.abs(np.hypot(yy - h / 2, xx - w / 2) - min(h, w) / 3) < 3
+    soft[edge] = rng.integers(0, 256, (int(edge.sum()), 3))
+    corner, bottom = none.copy(), none.copy()
+    corner[:2, :2] = True  # only in the border where the SSIM map is invalid
+    bottom[-2:] = True
+    return {
+        "all_regions": paint_mask(line, disc, dot),
+        "no_streak": paint_mask(none, disc, dot),
+        "no_glare": paint_mask(line, none, dot),
+        "no_flare": paint_mask(none, none, dot),
+        "empty": paint_mask(none, none, none),
+        "glare_everywhere": paint_mask(none, ~none, none),
+        "streak_everywhere": paint_mask(~none, none, none),
+        "light_everywhere": paint_mask(none, none, ~none),
+        "border_only": paint_mask(bottom, corner, none),
+        "soft": soft,
+        "random": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+    }
+
+
+IMAGE_KINDS = ("random", "structured")
+
+
+def pair_of_kind(kind: str, h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "structured":
+        return structured_triplet(h, w, seed)
+    pred, gt, _ = make_triplet(size=max(h, w), seed=seed)
+    return pred[:h, :w].copy(), gt[:h, :w].copy()
+
+
+# (h, w) -> mask cases; 150 x 170 has ~100 tiles of the masked-image SSIM, several batches.
+SHAPES = {(67, 45): None, (45, 67): None, (150, 170): ("all_regions", "soft", "glare_everywhere")}
+
+
+@pytest.mark.parametrize("protocol", list(REGION_PROTOCOLS))
+@pytest.mark.parametrize("window", list(SSIM_WINDOWS))
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_every_value_equals_skimage_naive(protocol: str, window: str, kind: str) -> None:
+    for (h, w), only in SHAPES.items():
+        pred, gt = pair_of_kind(kind, h, w, seed=h)
+        for case, mask in region_cases(h, w, seed=w).items():
+            if only is not None and case not in only:
+                continue
+            got = as_dict(evaluate_pair(pred, gt, mask, protocol=protocol, ssim_window=window))
+            ref = skimage_reference(pred, gt, mask, protocol, window)
+            assert set(got) == set(ref), (case, set(got) ^ set(ref))
+            for key, value in ref.items():
+                assert got[key] == pytest.approx(value, abs=1e-9, rel=0), (case, key)
+            # the entire image is skimage's, bit for bit
+            assert got["entire", "ssim"] == ref["entire", "ssim"], case
+            assert got["entire", "psnr"] == ref["entire", "psnr"], case
+
+
+def test_region_cases_cover_absent_and_whole_image_regions() -> None:
+    cases = region_cases(67, 45, 0)
+    present = {c: {r for r, w in region_weights(m).items() if w.any()} for c, m in cases.items()}
+    assert "streak" not in present["no_streak"] and "glare" not in present["no_glare"]
+    assert present["empty"] == {"global"}
+    assert (region_weights(cases["glare_everywhere"])["glare"] == 1).all()
+    assert (region_weights(cases["streak_everywhere"])["streak"] == 1).all()
+    assert "global" not in present["light_everywhere"]
+    assert present["border_only"] == {"streak", "glare", "global"}
+    soft = region_weights(cases["soft"])
+    assert ((soft["glare"] > 0) & (soft["glare"] < 1)).any()
+
+
+@pytest.mark.parametrize("window", list(SSIM_WINDOWS))
+@pytest.mark.parametrize("shape", [(67, 45), (45, 67), (7, 8), (11, 11), (12, 40), (300, 13)])
+def test_ssim_map_is_skimage_bit_for_bit(window: str, shape: tuple[int, int]) -> None:
+    if min(shape) < 2 * ssim_pad(window) + 1:
+        pytest.skip(f"{window} SSIM needs a larger image")  # covered by the UserError test
+    pred, gt = structured_triplet(*shape, seed=1)
+    value, full = ssim_map(gt, pred, window)
+    ref, ref_full = structural_similarity(
+        gt, pred, channel_axis=2, data_range=255, full=True, **SKIMAGE_WINDOW[window]
+    )
+    assert value == ref
+    pad = ssim_pad(window)
+    valid = (slice(pad, shape[0] - pad), slice(pad, shape[1] - pad))
+    assert np.array_equal(full[valid], ref_full[valid])
+    border = np.ones(shape, bool)
+    border[valid] = False
+    assert np.isnan(full[border]).all()
+
+
+def test_region_levels_match_region_weights() -> None:
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)  # antialiased: any value, R < G too
+    weights = region_weights(mask)
+    for region, level in _region_levels(mask).items():
+        assert level.dtype == np.uint8
+        if region == "global":  # region_weights computes 1 - B/255, one rounding away
+            np.testing.assert_allclose(level / 255.0, weights[region], rtol=0, atol=1e-15)
+        else:  # masked-image SSIM multiplies by exactly these weights
+            assert np.array_equal(level / 255.0, weights[region])
