@@ -6,6 +6,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flaresweep-installed
+# Every package at the version of a known-good environment (`make lock` refreshes it): two cluster
+# nodes, or a rerun next month, install the same versions, and results record them.
+LOCK   := requirements.lock
 
 # Sweep knobs: `make sweep SPACE=table1 DATA=/data/Flare7Kpp BACKGROUNDS=/data/Flickr24K CKPT=/ckpt/net_g_last.pth`
 SPACE    ?= demo
@@ -13,33 +16,47 @@ DATA     ?=
 BACKGROUNDS ?=
 TEST_DATA ?=
 CKPT     ?=
+BASE_KIND ?=
 STORAGE  ?=
+SEEDS    ?=
+PROTOCOL ?=
 SWEEP_ARGS ?=
 SPACE_FILE := search_spaces/$(SPACE).yaml
-SWEEP_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(BACKGROUNDS),--backgrounds $(BACKGROUNDS)) $(if $(TEST_DATA),--test-data $(TEST_DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(STORAGE),--storage $(STORAGE)) $(SWEEP_ARGS)
+# What defines the cells (sweep, status and table1 alike); SWEEP_ARGS go to `sweep.py run` only.
+SPACE_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(BACKGROUNDS),--backgrounds $(BACKGROUNDS)) $(if $(TEST_DATA),--test-data $(TEST_DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(BASE_KIND),--base-kind $(BASE_KIND)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PROTOCOL),--protocol $(PROTOCOL))
+SWEEP_OPTS := $(SPACE_OPTS) $(if $(STORAGE),--storage $(STORAGE)) $(SWEEP_ARGS)
 
-.PHONY: help setup sweep table1 status test test-fast lint bench gpu-check horovod clean distclean
+.PHONY: help setup lock sweep table1 status test test-fast lint bench gpu-check horovod clean distclean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, BACKGROUNDS=, TEST_DATA=, CKPT=, STORAGE=, SWEEP_ARGS="
+	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, BACKGROUNDS=, TEST_DATA=, CKPT=, BASE_KIND=, SEEDS=, PROTOCOL=, STORAGE=, SWEEP_ARGS="
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e '.[dev]'
 	@touch $@
 
-setup: $(STAMP) ## Create .venv and install flaresweep with its dependencies (once)
+setup: $(STAMP) ## Create .venv and install flaresweep with its dependencies from requirements.lock (once)
+
+lock: ## Refresh requirements.lock from a fresh install of pyproject.toml's (lower-bound) dependencies
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet '.[dev]'
+	{ echo "# flaresweep's environment, pinned (make lock writes it; make setup installs it)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^flaresweep'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK) && rm -rf .venv-lock
 
 sweep: $(STAMP) ## Run (or resume) the sweep SPACE (default: the embedded CPU demo)
 	$(PY) sweep.py run $(SWEEP_OPTS)
 
-table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), differences and figures for SPACE into results/
-	$(PY) sweep.py table1 --space $(SPACE_FILE)
+table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), differences and figures for SPACE into results/<name>/<protocol>/
+	$(PY) sweep.py table1 $(SPACE_OPTS)
 
-status: $(STAMP) ## One line per cell of SPACE: done / running / failed / stopped / interrupted / pending
-	$(PY) sweep.py status --space $(SPACE_FILE)
+status: $(STAMP) ## One line per cell of SPACE as written: done / running / failed / stopped / interrupted / trained / pending
+	$(PY) sweep.py status $(SPACE_OPTS)
 
 test: $(STAMP) ## Run every test, slow end-to-end ones included (what CI runs)
 	$(PY) -m pytest

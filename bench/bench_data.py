@@ -15,7 +15,7 @@ For each source, image side S and device (CPU, and CUDA when available) it print
     process, flare cache off as for a real set of thousands of flares) is timed apart, and
     `workers` = decode s / (synthesis s + training step s) is how many loader processes keep up.
     The files are a fake Flare7K++ tree made here at Flare7K's sizes (`fake_flare7k`: 1440 px
-    PNG flares at synth_size 512, 1000 x 750 JPEG backgrounds) unless `--data/--backgrounds`
+    PNG flares whatever `--synth-size`, 1000 x 750 JPEG backgrounds) unless `--data/--backgrounds`
     name real ones;
 - consumption: one training step of `Uformer(img_size=S, embed_dim, depths=(depth,)*9)` (default
   the tiny embed_dim 8, depth 1; Flare7K's is 32, 2) (forward, L1 loss on the deflared channels,
@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 files = (args.data, args.backgrounds) if args.data else None
                 what = f"real files {args.data}, {args.backgrounds}"
                 if files is None:
-                    # Flare7KPairs works on flares of synth_size * 1440/512 px: fakes of that size.
-                    side = round(max(args.synth_size, max(args.sizes)) * FLARE7K_FLARE / FLARE7K_CROP)
+                    # Flare7K's flare files are 1440 px; Flare7KPairs itself resizes every file by
+                    # synth_size / 512, so the fakes have the real files' size whatever --synth-size.
+                    side = FLARE7K_FLARE
                     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-data-")))
                     t0 = time.perf_counter()
                     files = fake_flare7k(tmp, side, n=args.fake_flares)

@@ -153,7 +153,7 @@ def run_ray(space_path: Path, concurrency: int, out: Path, cpus: int) -> dict[st
     if outcome.left or outcome.interrupted:
         raise SystemExit(f"error: the Ray sweep in {out} did not finish ({outcome})")
     record = SweepRecord(out / space.name)
-    results = {c.trial_id: record.read_metrics(c.trial_id) for c in space.trials()}
+    results = {c.trial_id: record.read_metrics(c.trial_id, c.eval_id) for c in space.trials()}
     overheads = [events["complete"][tid] - events["start"][tid] - results[tid]["wall_s"]
                  for tid in results]
     return {"wall": wall, "ray_start": events.get("ray_start_s", float("nan")),

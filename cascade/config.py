@@ -6,8 +6,9 @@ search-space YAML, here, in the results' `config.json` and in the Table 1 DataFr
 never a silent default) and out-of-range values, raising `UserError`.
 
 The field classes below (RUNTIME_FIELDS, ID_FIELDS, RESUME_MAY_CHANGE, PATH_FIELDS, BASE_FIELDS,
-TEST_FIELDS) say what each field is to a trial's identity, its resume check and its caches; they
-live here, beside the fields, so that adding a field means deciding its class in one place.
+TEST_FIELDS, EVAL_FIELDS) say what each field is to a trial's identity, its resume check and its
+caches; they live here, beside the fields, so that adding a field means deciding its class in one
+place.
 """
 
 from __future__ import annotations
@@ -40,10 +41,29 @@ a global average pool, so they are O(1) per dimension and the MSE between two ve
 that differ by a visible flare is expected to be of order 0.1 to 1; 0.1 sits at the low end of that
 range. This is an estimate, not a measurement with the SWAG weights: `margin` is a search-space
 parameter (search_spaces/lambda_optuna.yaml searches it log-uniformly in [0.01, 1]).
+
+In the units of d under `reduction`: with `sum` it is D (or N*D for `encoder_features: tokens`)
+times the MSE units; it is never rescaled, so a `sum` search space must scale `margin` itself.
+metrics.json's `d_pn` records the measured d(p, n).
 """
 
 ENCODER_NAMES = ("vit_l16_swag", "vit_l16_swag_e2e", "small_cpu")
 """The names of cascade.encoders.ENCODERS (a test keeps them equal), checked without importing it."""
+REDUCTIONS = ("mean", "sum")
+"""cascade.losses.REDUCTIONS (a test keeps them equal), checked without importing torch."""
+ENCODER_FEATURES = ("cls", "tokens")
+"""cascade.encoders.ENCODER_FEATURES (a test keeps them equal), checked without importing torch."""
+BASE_KINDS = ("flare7k", "flare7kpp")
+"""cascade.model.BASE_KINDS (a test keeps them equal): which Flare7K release a base network is."""
+PROCEDURAL_BASE_KIND = "flare7kpp"
+"""What the procedural base is evaluated as. Its ground truth keeps the light source
+(cascade.data.synthetic: the Flare7K++ convention), so, like the released Flare7K++ Uformer, the
+network reconstructs the light itself and its output is used as it is (no light-source re-blend)."""
+EVAL_MODES = ("native", "flare7k-large")
+"""cascade.model.MODES (a test keeps them equal): tiles at native resolution (test.py on the
+512x512 test sets) or Flare7K's test_large.py (short side to 512, flare transferred back)."""
+LPIPS_CONVENTIONS = ("flare7k", "standard")
+"""The names of cascade.lpips_score.LPIPS_CONVENTIONS (a test keeps them equal)."""
 
 KINDS = ("cascade", "reference")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -68,19 +88,29 @@ class TrialConfig:
     lambda_: float = 0.6  # in [0, 1]
     delta: float = DEFAULT_DELTA  # >= 0
     margin: float = DEFAULT_MARGIN  # triplet margin alpha, >= 0
+    # norms per sample: "mean" (MAE/MSE over elements) or "sum" (per-sample sums); both
+    # batch-averaged; margin is in its units
+    reduction: str = "mean"
 
     # -- perceptual encoder f (cascade.encoders) -----------------------------------------------
     encoder: str = "vit_l16_swag"  # a name from cascade.encoders.ENCODERS or "timm:<model>"
     encoder_pretrained: bool = True  # False only when asked for (CPU demo); recorded in results
     encoder_weights: str | None = None  # local weights file (clusters without internet)
+    # "cls": pooled embedding (ViT class token); "tokens": patch tokens / unpooled map, (B, N*D)
+    encoder_features: str = "cls"
 
     # -- base network ---------------------------------------------------------------------------
     checkpoint: str | None = None  # Flare7K(++) Uformer .pth; None: train a base on procedural data
+    # Which release `checkpoint` is: "flare7k" (v1: the evaluation blends the light source back
+    # from the input, as test.py does) or "flare7kpp" (channels 0:3 as they are). Required with a
+    # checkpoint: both released Uformers have 6 output channels, so the file cannot tell. None
+    # without one: the procedural base, evaluated as PROCEDURAL_BASE_KIND.
+    base_kind: str | None = None
     # Architecture of the procedural base (a checkpoint's architecture is read from the file).
     embed_dim: int = 32
     depth: int = 2  # LeWin blocks per stage, all 9 stages
     win_size: int = 8
-    output_ch: int = 6  # 6: deflared image + flare (Flare7K++); 3: deflared image (Flare7K)
+    output_ch: int = 6  # 6: deflared image + flare (both released Uformers); 3: deflared image only
     base_steps: int = 2000  # training steps of the procedural base
     base_lr: float = 2e-4  # Adam, as Flare7K trains its Uformer
     base_cache: str | None = None  # folder caching procedural bases by config hash
@@ -93,7 +123,8 @@ class TrialConfig:
     test_size: int = 512  # procedural test image side
     crop: int = 128  # training crop side (the paper: 128)
     batch_size: int = 8
-    random_erasing: float = 0.0  # probability of a random-erasing box per sample
+    # probability of a random-erasing box per sample, on the input only (cascade/data/erasing.py)
+    random_erasing: float = 0.0
     num_workers: int = 2  # file-decoding loader workers (synthesis itself runs on the device)
 
     # -- optimisation of the anchor network -----------------------------------------------------
@@ -107,6 +138,16 @@ class TrialConfig:
     # -- evaluation (cascade.metrics) -----------------------------------------------------------
     protocol: str = "masked"
     ssim_window: str = "uniform"
+    # How a test image becomes a prediction (cascade.model.official_output): "native" tiles at the
+    # image's own size (= Flare7K's test.py on its 512x512 test sets); "flare7k-large" is
+    # test_large.py (short side to 512, 512 px strips, the flare transferred back to full size).
+    eval_mode: str = "native"
+    # LPIPS input convention (cascade.lpips_score): "flare7k" ([0, 1] without normalize=True, as
+    # Flare7K's evaluate.py and its published numbers) or "standard" ([-1, 1]).
+    lpips: str = "flare7k"
+    # Torchvision-format AlexNet file for LPIPS' trunk; None: the torch hub cache. Never
+    # downloaded: without weights, lpips_entire is null and metrics.json says why.
+    lpips_weights: str | None = None
     eval_workers: int = 2
     n_samples: int = 4  # test outputs saved as PNG for qualitative figures
     # Also evaluate the anchor every this many steps while training (0: only at the end) and report
@@ -123,6 +164,14 @@ class TrialConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     fail_at_step: int | None = None  # test-only: inject a non-finite loss at this step
+    # The stream cache (cascade.stream_cache; YAML `on`/`off` are true/false): on, a trial reads
+    # the frozen half of each step (gt, the negative's output, f(p)/f(n)) from shards the first
+    # trial of the same stream wrote, and writes those it is the first to need; off, every trial
+    # computes them. Bit-identical results either way on the CPU (tested). Its folder:
+    # `stream_cache_dir` (a sweep passes `<results>/<sweep>/stream`), else `<cache>/stream`
+    # (cascade.io.cache_dir); one subfolder per stream key.
+    stream_cache: bool = False
+    stream_cache_dir: str | None = None
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -143,6 +192,12 @@ class TrialConfig:
         cfg = cls(**coerced)
         cfg.validate(where=where)
         return cfg
+
+    @property
+    def evaluated_base_kind(self) -> str:
+        """The base kind the evaluation applies: `base_kind`, or PROCEDURAL_BASE_KIND without a
+        checkpoint (recorded as metrics.json's `base_kind`)."""
+        return self.base_kind or PROCEDURAL_BASE_KIND
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; `TrialConfig.from_dict(cfg.to_dict()) == cfg`."""
@@ -194,6 +249,10 @@ class TrialConfig:
             ("backend", BACKENDS),
             ("protocol", PROTOCOLS),
             ("ssim_window", SSIM_WINDOWS),
+            ("reduction", REDUCTIONS),
+            ("encoder_features", ENCODER_FEATURES),
+            ("eval_mode", EVAL_MODES),
+            ("lpips", LPIPS_CONVENTIONS),
         ):
             if getattr(self, key) not in choices:
                 raise bad(key, "one of " + ", ".join(choices))
@@ -219,7 +278,17 @@ class TrialConfig:
             if getattr(self, key) < 0:
                 raise bad(key, "an integer >= 0")
         if self.output_ch not in (3, 6):
-            raise bad("output_ch", "3 (Flare7K) or 6 (Flare7K++)")
+            raise bad("output_ch", "3 (deflared image) or 6 (deflared image + flare)")
+        if self.base_kind is not None and self.base_kind not in BASE_KINDS:
+            raise bad("base_kind", "one of " + ", ".join(BASE_KINDS) + " (or null without a checkpoint)")
+        if self.checkpoint is not None and self.base_kind is None:
+            raise UserError(f"{where}: checkpoint={self.checkpoint!r} needs base_kind: flare7k (the "
+                            "Flare7K v1 release) or flare7kpp (Flare7K++); both have 6 output "
+                            "channels, so the file cannot tell")
+        if self.checkpoint is None and self.base_kind not in (None, PROCEDURAL_BASE_KIND):
+            raise UserError(f"{where}: base_kind={self.base_kind!r} needs a checkpoint; the "
+                            "procedural base keeps the light source in its ground truth and is "
+                            f"evaluated as {PROCEDURAL_BASE_KIND} (leave base_kind null)")
         if self.crop < 16 or self.test_size < 16:
             raise bad("crop" if self.crop < 16 else "test_size", "an image side >= 16")
         if self.data is not None and self.backgrounds is None:
@@ -247,8 +316,10 @@ class TrialConfig:
 
 # How a trial runs, not what it computes: left out of the trial id, so e.g. a new checkpoint
 # interval resumes the same trial instead of starting a new one.
+# The stream cache's settings too: it changes where the frozen half of a step comes from, never
+# its bits (its key, cascade.stream_cache.stream_spec, covers everything those depend on).
 RUNTIME_FIELDS = ("num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache",
-                  "eval_every")
+                  "eval_every", "stream_cache", "stream_cache_dir")
 # A trial's identity (`cfg.digest(ID_FIELDS)` is its id's hash): every other field, sorted.
 ID_FIELDS = tuple(sorted(f.name for f in fields(TrialConfig) if f.name not in RUNTIME_FIELDS))
 # May differ between a checkpoint and the run resuming it: the runtime fields, plus what changes
@@ -256,13 +327,45 @@ ID_FIELDS = tuple(sorted(f.name for f in fields(TrialConfig) if f.name not in RU
 # bit-identity but is still the same experiment, e.g. a retry on a node with another GPU count).
 RESUME_MAY_CHANGE = RUNTIME_FIELDS + ("fail_at_step", "n_samples", "workers", "backend", "device",
                                       "compile")
+# ... and, resuming a checkpoint to evaluate it again (a new protocol or test set: no training step),
+# the evaluation fields and the paths: the files behind paths are identified by their contents
+# (orchestrator.identity), so a moved mount resumes, a changed file is a new trial.
 # Hold paths: made absolute before a trial starts, because trials run in other directories.
-PATH_FIELDS = ("checkpoint", "data", "backgrounds", "test_data", "base_cache", "encoder_weights")
+PATH_FIELDS = ("checkpoint", "data", "backgrounds", "test_data", "base_cache", "encoder_weights",
+               "lpips_weights", "stream_cache_dir")
 # Determine the procedural base network's weights (its cache key, cascade.pretrain).
 BASE_FIELDS = ("embed_dim", "depth", "win_size", "output_ch", "base_steps", "base_lr", "crop",
                "batch_size")
 # Determine the procedural test set's images (its cache key, cascade.data.testset).
 TEST_FIELDS = ("n_test", "test_size")
+# Change how trained weights are scored, never the weights themselves. A trial's training
+# identity leaves them out and its evaluation identity adds them (orchestrator.identity), so a new
+# protocol re-evaluates saved weights instead of retraining. Which test set: test_data (a path:
+# identified by its files' contents), n_test (the procedural one's size). How it is scored:
+# protocol, ssim_window, lpips (the convention), lpips_weights (a path: identified by the
+# weights' contents; metrics.json records their fingerprint). How a test image becomes a
+# prediction: eval_mode, and base_kind, which selects only the official output path (training
+# takes channels 0:3 whatever the kind, and the training pairs follow the data's own layout,
+# cascade.data.flare7k, recorded as metrics.json's data_loader). n_samples: which predictions are
+# saved as PNGs. Not here: test_size, although a TEST_FIELD: the procedural base is trained on
+# frames of the test resolution (cascade.pretrain.base_frame), so it changes the base's weights;
+# kind, seed and every loss, data, optimiser and base-network field (they change the weights);
+# eval_workers and eval_every are RUNTIME_FIELDS (they change neither). tests/test_config.py
+# checks that no field here changes the procedural base's cache key.
+EVAL_FIELDS = ("protocol", "ssim_window", "test_data", "n_test", "eval_mode", "lpips",
+               "lpips_weights", "base_kind", "n_samples")
+RESUME_MAY_CHANGE = tuple(dict.fromkeys(RESUME_MAY_CHANGE + EVAL_FIELDS + PATH_FIELDS))
+
+
+def check_base_kind(checkpoint: str | os.PathLike, base_kind: str | None, output_ch: int) -> None:
+    """UserError naming the key and the file when `base_kind` contradicts the checkpoint's output
+    channels (read from the file by the caller: this module stays torch-free). Flare7K++
+    networks predict the deflared image and the flare (6 channels); a v1 network may have 6 (the
+    release) or 3 (deflared image only)."""
+    if base_kind == "flare7kpp" and output_ch != 6:
+        raise UserError(f"{checkpoint}: base_kind=flare7kpp, but this Uformer has {output_ch} output "
+                        "channels (no flare); a Flare7K++ network has 6: use base_kind: flare7k or "
+                        "the Flare7K++ checkpoint")
 
 
 def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:

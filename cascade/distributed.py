@@ -22,14 +22,23 @@ Results, reports and exceptions come back through files in a private temporary f
 same protocol works for processes we spawn (DDP) and for ones horovodrun starts; a `UserError` (or
 any exception) raised on a rank is re-raised in the caller with its original type. Asking for
 Horovod where it is not installed is one `UserError` before anything starts (`check_backend`).
+
+Ranks die with the trial that started them: each spawned rank, each Horovod rank and `horovodrun`
+itself ask Linux for SIGKILL when their parent dies (`die_with_parent`, PR_SET_PDEATHSIG), so a
+trial process killed by Ray, the OOM killer or a lost node never leaves ranks behind that keep
+their GPUs and keep writing the trial's checkpoints while Ray retries it (docs/design.md, "Cluster").
+On CUDA each rank takes one of the GPUs the trial sees (cuda:LOCAL_RANK); fewer visible GPUs than
+ranks is a UserError (NCCL refuses two ranks on one device).
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +56,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cascade.errors import UserError
+from cascade.io import pid_alive
 
 # A rank that waits longer than this in a collective has a dead peer; fail rather than hang.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -205,6 +215,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent dies; exit now if `parent` (the
+    pid that started it) is already gone. Linux only (PR_SET_PDEATHSIG); a no-op elsewhere.
+
+    The signal follows the *thread* that forked this process: launch() waits for its ranks in the
+    thread that started them, so the two end together. It survives exec (not for setuid programs).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: nothing more to do than without it
+        return
+    if os.getppid() != parent:  # the parent died before prctl: no signal would come
+        os._exit(1)
+
+
+# `python -c` body that sets PR_SET_PDEATHSIG (SIGKILL), checks the parent, then execs argv[2:];
+# inline, so starting a launcher does not pay for importing torch a second time.
+_EXEC_DYING_WITH_PARENT = ("import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
+                           "os.getppid() == int(sys.argv[1]) or os._exit(1); "
+                           "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def with_parent_death(command: list[str]) -> list[str]:
+    """`command` run so that it dies with this process (PR_SET_PDEATHSIG, then exec); Popen's
+    preexec_fn could do the same but is unsafe in Ray's multi-threaded workers."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *command]
+
+
 # A trial's progress callback, `report(metrics, checkpoint_dir)`: what `cascade.train.train` takes
 # and calls, and what `launch` relays from rank 0. Defined once, here.
 Report = Callable[[dict[str, Any], "str | None"], None]
@@ -229,6 +275,7 @@ def launch(
     check_backend(backend)
     if backend == "none" or workers == 1:
         return target(Local(device=device), report, *args)
+    check_gpus(workers, device)
     with tempfile.TemporaryDirectory(prefix="flaresweep-launch-") as tmp:
         payload = Path(tmp) / "payload.pkl"
         payload.write_bytes(pickle.dumps((backend, str(device), target, args)))
@@ -257,6 +304,18 @@ def check_backend(backend: str) -> None:
             raise UserError("horovod is not installed (run `make horovod`)")
         if reason is not None:
             raise UserError(f"horovod is not usable: {reason}")
+
+
+def check_gpus(workers: int, device: torch.device | str) -> None:
+    """On CUDA, `workers` ranks need `workers` visible GPUs (rank r takes cuda:r): UserError if not."""
+    if torch.device(device).type != "cuda":
+        return
+    visible = torch.cuda.device_count()
+    if visible < workers:
+        raise UserError(f"workers={workers} on CUDA needs {workers} GPUs, one per rank, but this "
+                        f"trial sees {visible} (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); give each trial "
+                        f"{workers} whole GPUs (--gpus-per-trial {workers}) or set workers: {visible or 1}")
 
 
 class _Relay:
@@ -291,7 +350,8 @@ def _spawn(workers: int, payload: Path, relay: _Relay) -> None:
     ctx = mp.get_context("spawn")
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(workers)}
     threads = max(1, torch.get_num_threads() // workers)
-    procs = [ctx.Process(target=_spawned_rank, args=(rank, env, threads, str(payload)), daemon=False)
+    procs = [ctx.Process(target=_spawned_rank, args=(rank, env, threads, str(payload), os.getpid()),
+                         daemon=False)
              for rank in range(workers)]
     for p in procs:
         p.start()
@@ -314,7 +374,8 @@ def _spawn(workers: int, payload: Path, relay: _Relay) -> None:
                 p.kill()
 
 
-def _spawned_rank(rank: int, env: dict[str, str], threads: int, payload: str) -> None:
+def _spawned_rank(rank: int, env: dict[str, str], threads: int, payload: str, parent: int) -> None:
+    die_with_parent(parent)  # a killed trial process must not leave this rank running
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)  # share the parent's CPU budget instead of oversubscribing it
     run_payload(payload)
@@ -335,7 +396,8 @@ def _run_horovod(workers: int, payload: Path, relay: _Relay) -> Path:
     # script beside it must unpickle on every rank) and an equal share of its CPU threads.
     env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) if p else os.getcwd() for p in sys.path)
     env["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // workers))
-    cmd = hvd.horovodrun_command(workers, [sys.executable, "-m", "cascade.distributed", str(payload)])
+    cmd = with_parent_death(hvd.horovodrun_command(
+        workers, [sys.executable, "-m", "cascade.distributed", "--rank", str(os.getpid()), str(payload)]))
     log_path = payload.parent / "horovodrun.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -403,5 +465,19 @@ def _collect(tmp: Path, workers: int, launcher_log: Path | None = None) -> Any:
     return pickle.loads(result.read_bytes())
 
 
-if __name__ == "__main__":  # `python -m cascade.distributed PAYLOAD`: one rank under an external launcher
-    run_payload(sys.argv[1])
+def _main(argv: list[str]) -> None:
+    """`python -m cascade.distributed`: `--rank PID PAYLOAD` is one rank under horovodrun (or
+    another launcher), dying with the launcher and refusing to start once the trial process PID is
+    gone; a bare `PAYLOAD` is one rank without a parent to follow."""
+    if argv[:1] == ["--rank"]:
+        # Horovod's launcher forks helpers between the trial and this rank: follow whichever
+        # process started this one (it dies with horovodrun, which dies with the trial).
+        die_with_parent(os.getppid())
+        if not pid_alive(int(argv[1])):  # the trial died while horovodrun was starting us
+            raise SystemExit(1)
+        argv = argv[2:]
+    run_payload(argv[0])
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

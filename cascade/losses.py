@@ -149,6 +149,7 @@ def cascade_loss(
     delta: float = DEFAULT_DELTA,
     margin: float = DEFAULT_MARGIN,
     reduction: str = DEFAULT_REDUCTION,
+    targets: Tensor | None = None,
 ) -> LossTerms:
     """lambda_ * L_REG(k) + delta * L_PL + (1 - lambda_) * L_triplet(margin), with each term.
 
@@ -172,6 +173,10 @@ def cascade_loss(
     Precision: the encoder calls run under the caller's autocast (bf16 matmuls when the trainer
     sets `precision: bf16`); everything after them, L_REG included, runs in float32 with autocast
     off. The terms are float32 whatever the input dtypes.
+
+    `targets`: `target_features(encoder, positive, negative, lambda_, delta)` computed beforehand
+    (the stream cache, `cascade.stream_cache`, stores it): the no-grad pass is then skipped, and
+    the terms are bit-identical to computing it here, since this function computes exactly that.
     """
     _check_settings(encoder, k, lambda_, delta, margin, reduction)
     if not (anchor.shape == positive.shape == negative.shape) or anchor.dim() != 4:
@@ -184,10 +189,14 @@ def cascade_loss(
     f_targets = fa = None
     if delta > 0 or need_triplet:
         assert encoder is not None  # _check_settings guarantees it
-        # Under the caller's autocast: the encoder is most of the step's FLOPs.
-        targets = torch.cat([positive, negative]) if need_triplet else positive
-        with torch.no_grad():
-            f_targets = encoder(targets)  # (B or 2B, ...)
+        if targets is None:
+            f_targets = target_features(encoder, positive, negative, lambda_, delta)
+        else:
+            rows = 2 * anchor.shape[0] if need_triplet else anchor.shape[0]
+            if targets.dim() < 2 or targets.shape[0] != rows:
+                raise ValueError(f"targets {tuple(targets.shape)}: expected {rows} rows of "
+                                 f"embeddings (f(p){' and f(n)' if need_triplet else ''})")
+            f_targets = targets.detach()
         fa = encoder(anchor)  # (B, ...), with a graph back to the anchor
 
     b = anchor.shape[0]
@@ -213,6 +222,35 @@ def cascade_loss(
                 hinge_active = (hinge > 0).detach()
     return LossTerms(total=total, reg=reg, perceptual=perceptual, triplet=triplet, d_pn=d_pn,
                      hinge_active=hinge_active)
+
+
+TARGET_KINDS = ("pn", "p")
+"""Which target embeddings a loss needs (`target_kind`): f(p) and f(n) in one batched pass, or f(p)."""
+
+
+def target_kind(lambda_: float, delta: float) -> str | None:
+    """"pn" (the triplet: lambda_ < 1), "p" (L_PL only: lambda_ == 1, delta > 0) or None (no
+    encoder term: lambda_ == 1, delta == 0): which rows `target_features` computes."""
+    if lambda_ < 1:
+        return "pn"
+    return "p" if delta > 0 else None
+
+
+def target_features(encoder: nn.Module | None, positive: Tensor, negative: Tensor, lambda_: float,
+                    delta: float) -> Tensor | None:
+    """The loss's target embeddings, as `cascade_loss` computes them: `(2B, ...)` = f(p) rows then
+    f(n) rows, in one batched no-grad pass (`target_kind` "pn"); `(B, ...)` f(p) ("p"); None when
+    no term needs the encoder. positive, negative: `(B, 3, H, W)` in [0, 1]. Runs under the
+    caller's autocast: the encoder is most of the step's FLOPs. The batch composition is part of
+    the result's bits (kernels block by batch size), so a cache must store exactly this."""
+    kind = target_kind(lambda_, delta)
+    if kind is None:
+        return None
+    if encoder is None:
+        raise ValueError(f"an encoder is needed for lambda_={lambda_!r}, delta={delta!r}")
+    targets = torch.cat([positive, negative]) if kind == "pn" else positive
+    with torch.no_grad():
+        return encoder(targets)  # (B or 2B, ...)
 
 
 def _float32(like: Tensor) -> AbstractContextManager:
@@ -242,9 +280,15 @@ class CascadeLoss(nn.Module):
         self.k, self.lambda_, self.delta, self.margin = k, float(lambda_), float(delta), float(margin)
         self.reduction = reduction
 
-    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> LossTerms:
+    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor,
+                targets: Tensor | None = None) -> LossTerms:
+        """`targets`: `self.targets(positive, negative)` computed beforehand (or None)."""
         return cascade_loss(anchor, positive, negative, self.encoder, self.k, self.lambda_,
-                            self.delta, self.margin, self.reduction)
+                            self.delta, self.margin, self.reduction, targets)
+
+    def targets(self, positive: Tensor, negative: Tensor) -> Tensor | None:
+        """`target_features` with this loss's encoder and weights."""
+        return target_features(self.encoder, positive, negative, self.lambda_, self.delta)
 
     def extra_repr(self) -> str:
         return (f"k={self.k}, lambda_={self.lambda_}, delta={self.delta}, margin={self.margin}, "

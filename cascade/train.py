@@ -2,8 +2,9 @@
 
 A trial (cfg.kind):
 - "cascade": build the cascade from the base network (`cascade.pretrain.ensure_base`), fine-tune its
-  anchor with the paper's loss (`cascade.losses.cascade_loss`: k, lambda_, delta, margin) for
-  `cfg.steps` optimizer steps, then evaluate the anchor's output on the test set;
+  anchor with the paper's loss (`cascade.losses.cascade_loss`: k, lambda_, delta, margin,
+  reduction; the encoder's `encoder_features`) for `cfg.steps` optimizer steps, then evaluate the
+  anchor's output on the test set;
 - "reference" (Table 1's "Uformer" row): evaluate the base network alone, no training,
   through exactly the same evaluation path (`cascade.evaluate.evaluate_model`).
 
@@ -14,22 +15,34 @@ Training semantics
   is a single-process step on the whole batch and `lr` is *not* scaled with N (scale it yourself
   if you also grow `batch_size`). Only rank 0 checkpoints, reports, evaluates and writes.
 - Data is a pure function of (seed, step): step s uses sample indices s*B .. s*B+B-1 of the
-  training pairs (`ProceduralPairs(crop, seed)` or `Flare7KPairs(data, backgrounds, crop, seed)`);
-  the global torch RNG (stochastic depth in the anchor) is reseeded from (seed, step, rank) each
-  step. Together with the checkpointed model/optimizer/schedule state, an interrupted and resumed
-  run on the CPU ends with weights bit-identical to an uninterrupted one.
+  training pairs (`ProceduralPairs(crop, seed)` or `Flare7KPairs(data, backgrounds, crop, seed)`,
+  both erasing a box of the input with probability `random_erasing`); the global torch RNG
+  (stochastic depth in the anchor) is reseeded from (seed, step, rank) each step. Together with
+  the checkpointed model/optimizer/schedule state, an interrupted and resumed run on the CPU ends
+  with weights bit-identical to an uninterrupted one.
+- Stream cache (`stream_cache`, on by default; `cascade.stream_cache`): gt, the negative's output
+  and f(positive)/f(negative) of each step are the same in every cascade trial of one stream
+  (seed, data, base, encoder, crop, batch, ...), so they are read from shards the first trial to
+  need them computed and wrote; the anchor, f(anchor), the loss and the backward run as always.
+  Bit-identical to computing them in the step (tests/test_stream_cache.py).
 - The negative network runs without a graph, f(positive)/f(negative) likewise (inside
-  `cascade_loss`); on CUDA `precision: bf16` autocasts the networks and `channels_last` changes the
-  memory format. Losses are read back to the host only every `log_every` steps (and at checkpoint
+  `cascade_loss`); on CUDA `precision: bf16` autocasts the networks and the perceptual encoder;
+  the loss arithmetic stays float32 (cascade.losses); `channels_last` changes the memory format.
+  Losses are read back to the host only every `log_every` steps (and at checkpoint
   steps): a non-finite loss is recorded on the device at the step it happens and raised as
   `NonFiniteLossError` (naming that step and the loss terms) at the next such point, before any
   checkpoint could store the broken weights.
 - Checkpoints: every `checkpoint_every` steps and at the end, `checkpoint_dir/last.pt` (atomic);
   a trial given a folder with a checkpoint resumes from it (its config must match, see
   `config.RESUME_MAY_CHANGE`).
+- d(p, n) = ||f(p) - f(n)||^2 of every training sample, and whether its triplet hinge was active,
+  are kept (`cascade.losses.DistanceStats`, gathered over ranks, carried through checkpoints) and
+  summarised in metrics.json's `d_pn`: the margin only lets the triplet vanish below them.
 
 Evaluation: `cascade.evaluate.evaluate_model` on the test set that
-`cascade.data.testset.ensure_test_data` names.
+`cascade.data.testset.ensure_test_data` names, through the official output path of
+`cfg.base_kind` / `cfg.eval_mode`, with LPIPS when its weights are there (`cfg.lpips_weights` or
+the torch hub cache; built before anything is written, so a bad weights file fails first).
 
 Outputs in `output_dir` (all atomic): config.json, metrics.json (the returned dict), per_image.csv,
 samples/<stem>.png for the first `n_samples` test images. Nothing is written when output_dir is None.
@@ -50,13 +63,14 @@ import torch
 from torch import nn
 
 from cascade import checkpoint as ckpt
-from cascade.config import RESUME_MAY_CHANGE, TrialConfig
+from cascade.config import RESUME_MAY_CHANGE, TrialConfig, check_base_kind
 from cascade.data.testset import PairedTestSet, ensure_test_data
 from cascade.device import resolve_device, use_bf16
 from cascade.distributed import DataParallel, Report, check_backend, launch
 from cascade.errors import UserError, cli_errors
 from cascade.fmt import duration, psnr_text
 from cascade.io import atomic_path, atomic_write_json
+from cascade.losses import DistanceStats
 from cascade.pretrain import ensure_base
 from cascade.seeds import derive_seed
 
@@ -112,7 +126,13 @@ def build_pairs(cfg: TrialConfig) -> Any:
                             random_erasing=cfg.random_erasing)
     from cascade.data.synthetic import ProceduralPairs
 
-    return ProceduralPairs(cfg.crop, cfg.seed)
+    return ProceduralPairs(cfg.crop, cfg.seed, random_erasing=cfg.random_erasing)
+
+
+def data_loader(pairs: Any) -> str:
+    """Which pair synthesis a trial trained on: "procedural", or the official loader the Flare7K
+    data follows ("flare7kpp" with light sources, "flare7k" without; `Flare7KPairs.loader`)."""
+    return getattr(pairs, "loader", "procedural")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -125,14 +145,14 @@ def step_indices(cfg: TrialConfig, step: int) -> torch.Tensor:
     return torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)
 
 
-def _batches(pairs: Any, cfg: TrialConfig, dp: DataParallel, start: int
+def _batches(pairs: Any, cfg: TrialConfig, dp: DataParallel, start: int, stop: int | None = None
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """This rank's (input, gt, flare) for steps start .. steps-1, on dp.device.
+    """This rank's (input, gt, flare) for steps start .. stop-1 (default: steps-1), on dp.device.
 
     Flare7K files are decoded in `num_workers` loader processes (each sample is a pure function of
     its index, so workers do not change the data); synthesis runs batched on the device.
     """
-    steps = range(start, cfg.steps)
+    steps = range(start, cfg.steps if stop is None else stop)
     if cfg.data is not None and cfg.num_workers > 0:
         loader = torch.utils.data.DataLoader(
             _DecodeSteps(pairs, cfg, dp, steps), batch_size=None, num_workers=cfg.num_workers,
@@ -197,9 +217,10 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
         model.train()  # the anchor trains (stochastic depth); the negative stays in eval mode
         anchor, negative = model.anchor, model.negative
         needs_encoder = cfg.lambda_ < 1 or cfg.delta > 0
-        encoder = (build_encoder(cfg.encoder, cfg.encoder_pretrained, cfg.encoder_weights).to(device)
+        encoder = (build_encoder(cfg.encoder, cfg.encoder_pretrained, cfg.encoder_weights,
+                                 features=cfg.encoder_features).to(device)
                    if needs_encoder else None)
-        criterion = CascadeLoss(encoder, cfg.k, cfg.lambda_, cfg.delta, cfg.margin)
+        criterion = CascadeLoss(encoder, cfg.k, cfg.lambda_, cfg.delta, cfg.margin, cfg.reduction)
         # Wrap before the scheduler binds to it: Horovod's DistributedOptimizer is a new object.
         optimizer = dp.wrap_optimizer(build_optimizer(cfg, anchor.parameters()), anchor)
         scheduler = build_scheduler(cfg, optimizer)
@@ -220,27 +241,49 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
 
         evaluate = None
         if cfg.eval_every and dp.is_main and testset is not None:
-            from cascade.evaluate import evaluate_model
-            from cascade.metrics import summarize
+            from cascade.evaluate import evaluate_model, evaluation_summary, prepare_lpips
+
+            lpips = prepare_lpips(cfg, device)  # one scorer for every evaluation of the run
 
             def evaluate() -> dict[str, Any]:
                 """Metrics of the cascade as it stands (the anchor back in train mode after)."""
-                per_image, _ = evaluate_model(model, testset, cfg, device)
+                per_image, _ = evaluate_model(model, testset, cfg, device, lpips)
                 model.train()
-                return summarize(per_image)
+                return evaluation_summary(per_image)
 
         loop = _Loop(cfg, dp, report, checkpoint_dir, start, history, evaluate)
         bf16 = use_bf16(cfg, device)
         pairs = build_pairs(cfg)
-        for step, (inp, gt, _flare) in enumerate(_batches(pairs, cfg, dp, start), start):
+        if dp.is_main and cfg.data is not None and data_loader(pairs) != cfg.evaluated_base_kind:
+            log.warning("base_kind %s, but %s holds %s data: the training pairs follow the %s "
+                        "loader, not the one the base was trained with", cfg.evaluated_base_kind,
+                        cfg.data, data_loader(pairs), data_loader(pairs))
+        stream = None
+        if cfg.stream_cache:
+            # gt, n and f(p)/f(n) of each step from the stream cache, shared with the trials of
+            # the same stream; the shards nobody wrote yet are computed here (cascade.stream_cache).
+            from cascade.stream_cache import StreamCache
+
+            stream = StreamCache.for_trial(
+                cfg, negative, criterion, pairs, lambda r: _batches(pairs, cfg, dp, r.start, r.stop),
+                device, bf16, dp.rank, dp.world_size)
+            if dp.is_main:
+                log.info("stream cache %s", stream.folder)
+        for step, item in enumerate(_batches(pairs, cfg, dp, start) if stream is None
+                                    else stream.steps(start, cfg.steps), start):
             torch.manual_seed(step_seed(cfg.seed, step, dp.rank))
-            if cfg.channels_last:
-                inp = inp.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                with torch.no_grad():  # the negative is fixed: no graph
-                    neg = negative(inp)[:, :3]  # (B/W, 3, S, S): the hard negative
+                if stream is None:
+                    inp, gt, _flare = item
+                    if cfg.channels_last:
+                        inp = inp.contiguous(memory_format=torch.channels_last)
+                    with torch.no_grad():  # the negative is fixed: no graph
+                        neg = negative(inp)[:, :3]  # (B/W, 3, S, S): the hard negative
+                    targets = None  # f(p), f(n): computed by the loss
+                else:  # the same tensors, computed once per stream (strides included)
+                    gt, neg, targets = item
                 anc = net(neg)[:, :3]  # (B/W, 3, S, S): the anchor sample, with a graph
-                terms = criterion(anc.float(), gt, neg.float())
+                terms = criterion(anc.float(), gt, neg.float(), targets)
             total = terms.total
             if cfg.fail_at_step is not None and step + 1 == cfg.fail_at_step:
                 total = total * float("nan")  # test hook: a divergence at a known step
@@ -252,13 +295,14 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
             scheduler.step()
             loop.after_step(step + 1, torch.stack([total.detach(), terms.reg.detach(),
                                                    terms.perceptual.detach(), terms.triplet.detach()]),
-                            anchor, optimizer, scheduler)
+                            anchor, optimizer, scheduler, terms.d_pn, terms.hinge_active)
         loop.finish()
         if not dp.is_main:
             return None
         return {"anchor": {k: v.detach().cpu() for k, v in anchor.state_dict().items()},
                 "weights_source": encoder.weights_source if encoder is not None else None,
-                **loop.stats()}
+                "data_loader": data_loader(pairs),
+                "stream_cache": stream.stats() if stream is not None else None, **loop.stats()}
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = was_filling
@@ -284,10 +328,19 @@ class _Loop:
         self.t0 = time.perf_counter()
         self.last_terms: dict[str, float] = dict(history.get("final_terms", {}))
         self.done = start
+        # d(p, n) of the runs before a resume (every rank's, already gathered) and of this run's
+        # steps on this rank (device tensors, no host sync per step).
+        self.prior_distances = DistanceStats()
+        self.prior_distances.load_state_dict(history.get("d_pn", {"d_pn": [], "hinge_active": []}))
+        self.distances = DistanceStats()
+        self.d_pn: dict[str, Any] | None = None
 
     def after_step(self, done: int, terms: torch.Tensor, model: nn.Module,
-                   optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        """`done` optimizer steps taken; terms (4,) on the device. Syncs only at log/ckpt steps."""
+                   optimizer: torch.optim.Optimizer, scheduler: Any, d_pn: torch.Tensor,
+                   hinge_active: torch.Tensor) -> None:
+        """`done` optimizer steps taken; terms (4,) on the device; d_pn / hinge_active (B/W,) of
+        this rank's samples (`LossTerms`; empty when lambda_ == 1). Syncs only at log/ckpt steps."""
+        self.distances.update(d_pn, hinge_active)
         terms = terms.to(torch.float64)
         self.sums += terms
         # First non-finite step, recorded without a host sync (torch.where on the device).
@@ -303,8 +356,10 @@ class _Loop:
         if log_now:
             self._average_terms(done)  # before saving, so the checkpoint holds this window's means
         saved = None
-        if ckpt_now and self.dp.is_main:
-            saved = self._save(done, model, optimizer, scheduler)
+        if ckpt_now:
+            distances = self.all_distances()  # a collective: every rank, before rank 0 saves
+            if self.dp.is_main:
+                saved = self._save(done, model, optimizer, scheduler, distances)
         evaluated: dict[str, Any] = {}
         if self.evaluate is not None and done % self.cfg.eval_every == 0 and done < self.cfg.steps:
             t0 = time.perf_counter()
@@ -327,10 +382,20 @@ class _Loop:
         terms = self.dp.all_reduce(self.bad_terms * mine, op="sum") / self.dp.all_reduce(mine, op="sum")
         raise NonFiniteLossError(int(first), dict(zip(LOSS_TERMS, terms.tolist())))
 
-    def _save(self, done: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> str:
+    def all_distances(self) -> DistanceStats:
+        """d(p, n) of every step so far, on every rank (a collective): prior runs, then this run's
+        samples in rank order."""
+        out = DistanceStats()
+        out.extend(self.prior_distances)
+        out.extend(self.distances.gathered(self.dp.all_reduce, self.dp.rank, self.dp.world_size,
+                                           self.dp.device))
+        return out
+
+    def _save(self, done: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+              distances: DistanceStats) -> str:
         history = {"train_s": self.prior_s + self._elapsed(),
                    "steps_trained": self.prior_steps + done - self.start,
-                   "final_terms": self.last_terms}
+                   "final_terms": self.last_terms, "d_pn": distances.state_dict()}
         ckpt.save_training_checkpoint(self.checkpoint_dir, step=done, model=model, optimizer=optimizer,
                                       scheduler=scheduler, config=self.cfg.to_dict(), extra=history)
         return str(self.checkpoint_dir)
@@ -363,8 +428,10 @@ class _Loop:
         """After the loop (also when it had nothing left to do, e.g. resumed at the last step).
 
         No finiteness check here: the last step (done == steps) always logs, which checks.
+        Every rank calls it: the d(p, n) summary is gathered over ranks.
         """
         self.train_s = self._elapsed()
+        self.d_pn = self.all_distances().to_dict()
 
     def stats(self) -> dict[str, Any]:
         """Throughput over every run of this trial (a resumed one included)."""
@@ -373,25 +440,27 @@ class _Loop:
         return {"steps": self.cfg.steps, "train_s": train_s,
                 "images_per_s": trained * self.cfg.batch_size / train_s if trained else None,
                 "step_s": train_s / trained if trained else None,
-                "final_terms": self.last_terms}
+                "final_terms": self.last_terms, "d_pn": self.d_pn}
 
 
 # -- the trial ----------------------------------------------------------------------------------------
 
 
 def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | os.PathLike | None = None,
-          output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+          output_dir: str | os.PathLike | None = None, *, metrics_file: bool = True) -> dict[str, Any]:
     """Run one trial; return its summary (metrics.summarize keys + provenance and throughput).
+
+    `metrics_file=False`: the caller records the returned dict itself (a sweep's results record,
+    orchestrator.record, is the one writer of its metrics.json files).
 
     report(metrics, checkpoint_dir) is called every `log_every` steps (step, loss terms,
     images_per_s, eta_s; checkpoint_dir when a checkpoint was just written, else None) and once at
     the end with the returned dict. checkpoint_dir defaults to output_dir/checkpoints (None when
     both are None: no checkpoints). See the module docstring for what is written.
     """
-    from cascade.evaluate import evaluate_model
-    from cascade.metrics import summarize
-    from cascade.model import CascadedFlareRemover
-    from cascade.uformer import load_checkpoint
+    from cascade.evaluate import evaluate_model, evaluation_summary, prepare_lpips
+    from cascade.model import CascadedFlareRemover, official_light_threshold
+    from cascade.uformer import infer_arch, load_checkpoint, read_state_dict
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -400,6 +469,10 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
              else out / "checkpoints" if out is not None else None)
     cfg.validate()  # a TrialConfig built directly (not via from_dict) is checked here
     check_backend(cfg.backend)  # e.g. Horovod missing: say so before building a base or test set
+    if cfg.checkpoint is not None:  # base_kind against the file, before anything is written
+        check_base_kind(cfg.checkpoint, cfg.base_kind,
+                        infer_arch(read_state_dict(cfg.checkpoint), where=cfg.checkpoint)["output_ch"])
+    lpips = prepare_lpips(cfg, device)  # a bad lpips_weights file: refused before anything is written
     if out is not None:
         atomic_write_json(out / "config.json", cfg.to_dict())
     base_path = ensure_base(cfg)
@@ -408,7 +481,8 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     testset = PairedTestSet(test_dir)
 
     stats: dict[str, Any] = {"steps": 0, "train_s": 0.0, "images_per_s": None, "step_s": None,
-                             "final_terms": {}, "weights_source": None}
+                             "final_terms": {}, "weights_source": None, "d_pn": None,
+                             "data_loader": None}
     if cfg.kind == "cascade":
         stats = launch(cfg.backend, cfg.workers, _train_rank,
                        (cfg, str(base_path), str(ckdir) if ckdir is not None else None, testset),
@@ -420,20 +494,29 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     model = model.to(device)
 
     t_eval = time.perf_counter()
-    per_image, samples = evaluate_model(model, testset, cfg, device)
+    per_image, samples = evaluate_model(model, testset, cfg, device, lpips)
     eval_s = time.perf_counter() - t_eval
     cascade_run = cfg.kind == "cascade"
     result = {
-        **summarize(per_image),
+        **evaluation_summary(per_image),  # PSNR/SSIM, lpips_entire and how LPIPS was computed
         "kind": cfg.kind,
         "k": cfg.k if cascade_run else None,
         "lambda_": cfg.lambda_ if cascade_run else None,
         "delta": cfg.delta if cascade_run else None,
         "margin": cfg.margin if cascade_run else None,
+        "reduction": cfg.reduction if cascade_run else None,
+        "encoder_features": cfg.encoder_features if cascade_run else None,
+        "d_pn": stats["d_pn"],  # the measured d(p, n) (DistanceStats.to_dict), beside the margin
+        "random_erasing": cfg.random_erasing if cascade_run else None,
+        "data_loader": stats["data_loader"],
         "seed": cfg.seed,
         "encoder": cfg.encoder if cascade_run else None,
         "encoder_pretrained": cfg.encoder_pretrained if cascade_run else None,
         "weights_source": stats["weights_source"],
+        # The evaluation path: the official output for this kind of base, in this mode.
+        "base_kind": cfg.evaluated_base_kind,
+        "eval_mode": cfg.eval_mode,
+        "light_threshold": official_light_threshold(cfg.evaluated_base_kind, cfg.eval_mode),
         "steps": stats["steps"],
         "images_per_s": stats["images_per_s"],
         "step_s": stats["step_s"],
@@ -446,6 +529,8 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
         "device": str(device),
         "backend": cfg.backend,
         "workers": cfg.workers,
+        # rank 0's stream cache: its folder, steps it built and steps it read (None: off)
+        "stream_cache": stats.get("stream_cache"),
     }
     if out is not None:
         from cascade.data.images import write_png
@@ -454,7 +539,8 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
             per_image.to_csv(tmp, index=False)
         for stem, pred in samples:
             write_png(out / "samples" / f"{stem}.png", pred)
-        atomic_write_json(out / "metrics.json", result)
+        if metrics_file:
+            atomic_write_json(out / "metrics.json", result)
     if report is not None:
         report(result, str(ckdir) if ckdir is not None and cascade_run else None)
     return result
@@ -509,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for bar in bars:
         bar.close()
     keys = [k for k in ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "ssim_streak",
-                        "ssim_glare", "images_per_s", "wall_s") if result.get(k) is not None]
+                        "ssim_glare", "lpips_entire", "images_per_s", "wall_s")
+            if result.get(k) is not None]
     print(f"{out}: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys))
     return result
 

@@ -4,8 +4,9 @@ The module and parameter names reproduce the released checkpoints' state dict (i
 `dowsample_N` spelling), so `net_g_last.pth` files load strictly. The Flare7K variant is the plain
 Uformer: LeWin blocks (pre-norm window attention with a learned relative position bias, then a
 GELU feed-forward net), no modulator, no cross-attention, no final norm, no global residual, and a
-sigmoid on the output. `output_ch=6` (Flare7K++) predicts the deflared image (channels 0:3) and the
-flare (3:6); `output_ch=3` (Flare7K) only the deflared image.
+sigmoid on the output. `output_ch=6` predicts the deflared image (channels 0:3) and the flare
+(3:6), as both released Uformers do (Flare7K v1 and Flare7K++; which one a checkpoint is, is
+`TrialConfig.base_kind`); `output_ch=3` is a variant with the deflared image only.
 
 Two things differ from the reference code on purpose, neither changing its numbers on the 512x512
 inputs it was released for: images of any size are reflect-padded to the network's stride and

@@ -7,10 +7,12 @@ search sample; `status`, `table1` and a resumed search read it back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from cascade.errors import UserError
 from orchestrator.record import UNFINISHED, SweepRecord, TrialStatus
-from orchestrator.space import Cell, SweepSpace, cell_for, distinct_trials
+from orchestrator.space import Cell, SweepSpace, cell_for, distinct_trials, load_space
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Plan:
         """(sampled values, metric) of the recorded samples that report `metric`: a warm start."""
         points, rewards = [], []
         for cell, values in self.sampled:
-            value = (record.status(cell.trial_id).metrics or {}).get(metric)
+            value = (record.status(cell.trial_id, cell.eval_id).metrics or {}).get(metric)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 points.append(values)
                 rewards.append(float(value))
@@ -71,9 +73,18 @@ def write_plan(space: SweepSpace, record: SweepRecord, plan: Plan) -> None:
                        "question": space.question, "cells": cells})
 
 
-def should_run(state: str, retry_failed: bool) -> bool:
-    """done and early-stopped trials are final; failed ones run again when `retry_failed`."""
-    return state in UNFINISHED or (state == "failed" and retry_failed)
+def keys(cells: list[Cell]) -> list[tuple[str, str]]:
+    """(trial id, eval id) of each cell: what the record's states are looked up by."""
+    return [(c.trial_id, c.eval_id) for c in cells]
+
+
+def should_run(status: TrialStatus, retry_failed: bool | None) -> bool:
+    """done and early-stopped trials are final; failed ones run again when `retry_failed` is True,
+    never when it is False, and by default (None) unless the failure was deterministic (a bad
+    input or a diverging loss fails the same way from the same checkpoint)."""
+    if status.state == "failed":
+        return retry_failed is True or (retry_failed is None and not status.deterministic)
+    return status.state in UNFINISHED
 
 
 def not_done(statuses: list[TrialStatus]) -> int:
@@ -81,10 +92,25 @@ def not_done(statuses: list[TrialStatus]) -> int:
     return sum(s.state not in ("done", "stopped") for s in statuses)
 
 
-def cut_short(record: SweepRecord, trial_ids: list[str]) -> bool:
+def cut_short(record: SweepRecord, cells: list[Cell]) -> bool:
     """After a Tuner run: did a trial it was given end neither done, failed nor stopped early?
 
     That happens only when the run was interrupted (SIGINT): Tune then stops running trials
     without an error, so the results folder, not Ray's trial states, tells us.
     """
-    return any(s.state in UNFINISHED for s in record.statuses(trial_ids))
+    return any(s.state in UNFINISHED for s in record.statuses(keys(cells)))
+
+
+def cells_as_written(space_path: Path, record: SweepRecord, overrides: dict[str, Any]
+                     ) -> list[dict[str, Any]]:
+    """The cells (sweep.json entries) of the space file as it is now, with `overrides` (load_space's
+    command-line ones) and the search samples recorded so far; the last run's plan when the space
+    cannot be expanded without inputs it `requires` (e.g. `status` of table1.yaml without --data)."""
+    try:
+        space = load_space(space_path, **overrides)
+    except UserError as exc:
+        if record.read_plan() is None or " needs --" not in str(exc):
+            raise
+        return record.read_plan()["cells"]
+    plan = load_plan(space, record)
+    return [c.to_json() for c in plan.grid] + [{**c.to_json(), "sampled": v} for c, v in plan.sampled]

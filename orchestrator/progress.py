@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from cascade.fmt import duration, psnr_text
-from orchestrator.plan import Plan, write_plan
+from orchestrator.plan import Plan, cells_as_written, keys, write_plan
 from orchestrator.record import STATES, SweepRecord, TrialStatus
-from orchestrator.space import Cell, SweepSpace
+from orchestrator.space import Cell, SweepSpace, space_name
 
 SHIPPED_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 PROGRESS_EVERY_S = 30.0  # the progress line repeats at least this often while trials run
@@ -23,7 +23,7 @@ PROGRESS_EVERY_S = 30.0  # the progress line repeats at least this often while t
 def progress_line(statuses: list[TrialStatus], concurrency: int, elapsed_s: float | None = None) -> str:
     """One line a person can follow: counts, best-so-far PSNR per region, elapsed and ETA."""
     counts = {s: sum(t.state == s for t in statuses) for s in STATES}
-    todo = counts["pending"] + counts["interrupted"]
+    todo = counts["pending"] + counts["interrupted"] + counts["trained"]
     parts = [f"{counts['done']}/{len(statuses)} done", f"{counts['running']} running",
              f"{counts['failed']} failed", f"{todo} pending"]
     if counts["stopped"]:
@@ -55,7 +55,7 @@ def sweep_eta(statuses: list[TrialStatus], concurrency: int) -> float | None:
         return None
     mean = sum(durations) / len(durations)
     running = [t.eta_s if t.eta_s is not None else mean for t in statuses if t.state == "running"]
-    waiting = sum(t.state in ("pending", "interrupted") for t in statuses)
+    waiting = sum(t.state in ("pending", "interrupted", "trained") for t in statuses)
     return (sum(running) + mean * waiting) / max(1, concurrency)
 
 
@@ -66,10 +66,31 @@ def cell_label(cell: dict[str, Any]) -> str:
     return f"k={cell.get('k')} lambda_={cell.get('lambda_'):.4g} s{cell.get('seed')}"
 
 
-def status_lines(name: str, cells: list[dict[str, Any]], by_id: dict[str, TrialStatus]) -> list[str]:
-    """`sweep.py status`: one line per plan cell, then the progress line."""
-    lines = [f"{cell_label(c):<28} {by_id[c['trial_id']].state:<11} {c['trial_id']:<28} "
-             f"{status_detail(by_id[c['trial_id']])}" for c in cells]
+def status_report(space_path: Path, results: Path, overrides: dict[str, Any]) -> list[str]:
+    """`sweep.py status`: one line per cell of the space as written now (new cells show as
+    pending) with its state, then the progress line. `overrides`: load_space's command-line ones."""
+    name = space_name(space_path)
+    record = SweepRecord((results / name).resolve())
+    cells = cells_as_written(space_path, record, overrides)
+    ids = [c["trial_id"] for c in cells]
+    by_id = dict(zip(ids, record.statuses([(c["trial_id"], c["eval_id"]) for c in cells])))
+    lines = status_lines(name, cells, by_id, {t: record.evaluations(t) for t in ids})
+    if record.read_plan() is None:
+        lines.insert(0, f"{name}: nothing run yet in {record.root}; "
+                        f"`make sweep SPACE={space_path.stem}` starts it")
+    return lines
+
+
+def status_lines(name: str, cells: list[dict[str, Any]], by_id: dict[str, TrialStatus],
+                 evaluations: dict[str, list[str]] | None = None) -> list[str]:
+    """`sweep.py status`: one line per cell, then the progress line. `evaluations`: the eval ids
+    each trial already has (listed when a trial has any other than the cell's own)."""
+    lines = []
+    for c in cells:
+        s = by_id[c["trial_id"]]
+        others = [e for e in (evaluations or {}).get(c["trial_id"], []) if e != c.get("eval_id")]
+        extra = f" [other evaluations: {', '.join(others)}]" if others else ""
+        lines.append(f"{cell_label(c):<28} {s.state:<11} {c['trial_id']:<28} {status_detail(s)}{extra}")
     return [*lines, f"{name}: {progress_line(list(by_id.values()), 1)}"]
 
 
@@ -84,7 +105,9 @@ def status_detail(s: TrialStatus) -> str:
         eta = f", ETA {duration(s.eta_s)}" if s.eta_s is not None else ""
         return f"{step}elapsed {duration(s.elapsed_s or 0)}{eta}"
     if s.state == "failed":
-        return s.error or ""
+        return ("(deterministic; not retried without --retry-failed) " if s.deterministic else "") + (s.error or "")
+    if s.state == "trained":
+        return "training done; this evaluation runs next (no training step)"
     if s.state in ("interrupted", "stopped") and s.step is not None:
         then = f", {psnr} then" if psnr else ""
         return f"at step {s.step}" + (f"/{s.steps}" if s.steps else "") + then
@@ -151,8 +174,9 @@ class Board:
 
     def __init__(self, space: SweepSpace, record: SweepRecord, plan: Plan, concurrency: int) -> None:
         self.space, self.record, self.plan, self.concurrency = space, record, plan, concurrency
-        ids = [t.trial_id for t in plan.trials()]
-        self.states = dict(zip(ids, record.statuses(ids)))
+        cells = plan.trials()
+        self.eval_ids = {c.trial_id: c.eval_id for c in cells}
+        self.states = {c.trial_id: s for c, s in zip(cells, record.statuses(keys(cells)))}
         self.started_at, self.last_print, self.last_counts = time.time(), 0.0, None
         self.begun: dict[str, float] = {}
 
@@ -164,6 +188,7 @@ class Board:
         if sampled is not None and (plan := self.plan.with_sample(cell, sampled)) is not self.plan:
             self.plan = plan
             write_plan(self.space, self.record, plan)
+        self.eval_ids[cell.trial_id] = cell.eval_id
         self.begun[cell.trial_id] = time.time()
         self.states[cell.trial_id] = TrialStatus(cell.trial_id, "running", steps=cell.config.steps)
         self.tick(force=True)
@@ -178,20 +203,21 @@ class Board:
 
     def completed(self, trial_id: str, last_result: dict[str, Any]) -> None:
         """Tune saw the trial end without an error: done, or stopped early by the scheduler."""
-        status = self.record.status(trial_id)
+        status = self.record.status(trial_id, self.eval_ids[trial_id])
         if status.state not in ("done", "failed"):  # ended by the scheduler before train() returned
             self.record.write_stopped(trial_id, last_result.get("step"), last_result)
-            status = self.record.status(trial_id)
+            status = self.record.status(trial_id, self.eval_ids[trial_id])
         self._ended(status)
 
     def errored(self, trial_id: str, error: str) -> None:
         """The trial raised, or its process died (then error.json is written here)."""
-        tdir = self.record.trial_dir(trial_id)
+        tdir, eval_id = self.record.trial_dir(trial_id), self.eval_ids[trial_id]
         if not (tdir / "error.json").exists():
             text = error.strip()
             self.record.write_error(trial_id, "trial process died" + (
-                f": {text.splitlines()[-1]}" if text else ""), text, self.record.status(trial_id).step)
-        self._ended(self.record.status(trial_id),
+                f": {text.splitlines()[-1]}" if text else ""), text,
+                self.record.status(trial_id, eval_id).step)
+        self._ended(self.record.status(trial_id, eval_id),
                     where=f"{tdir / 'error.json'}, {self.record.log_path(trial_id)}")
 
     def tick(self, force: bool = False) -> None:

@@ -6,15 +6,23 @@ disk"; every file in results/README.md). Everything that reads or writes it goes
 `reports/`. So there is one idea of where a file lives and of what state a trial is in.
 
     results/<sweep>/
-      sweep.json                 the plan: every cell with its trial id and resolved config
-      .lock, run.json            held / written by the `sweep.py run` in progress
+      sweep.json                 the plan (layout 2): every cell with its trial id (training
+                                 identity), eval id (evaluation identity), config, fingerprints
+      .lock, run.json            held / written by the `sweep.py run` in progress (.lock.lease
+                                 on a network file system; run.json: heartbeat, then "ended")
       ray/                       Ray Tune's own experiment folders (never read back)
-      trials/<trial_id>/
-        config.json metrics.json per_image.csv samples/ checkpoints/ train.log   (cascade.train)
+      stream/<key>/              the stream cache the trials share (cascade.stream_cache; safe
+                                 to delete)
+      optuna.journal             a search's Optuna study (written by orchestrator.search)
+      <eval label>/              tables and figures of one evaluation (reports/, `sweep.py table1`)
+      trials/<trial_id>/         one training run
+        checkpoints/ train.log   (cascade.train; checkpoints/last.pt holds the final weights)
         progress.json            heartbeat: run id, step, steps, started, updated, host, pid
-        error.json               {"error": first line, "traceback", "step"}: the last attempt failed
+        error.json               {"error": first line, "traceback", "step", "deterministic"}
         error.previous.json      the failure before a retry
         stopped.json             {"reason", "step", "metrics"}: ended early by the scheduler (ASHA)
+        evals/<eval_id>/         one evaluation of its weights: config.json metrics.json
+                                 per_image.csv samples/ (metrics.json means "done")
 
 Stdlib and cascade's torch-free modules only: `status` and `table1` start in a tenth of a second.
 """
@@ -23,18 +31,32 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cascade.errors import UserError, first_line
-from cascade.io import atomic_write_json, file_lock, read_json
+from cascade.io import (
+    atomic_write_json,
+    describe_holder,
+    file_lock,
+    lease_stale_s,
+    pid_alive,
+    read_json,
+)
 
-# A trial's state, from its folder (and the run id of the live `sweep.py run`, if any).
-STATES = ("done", "running", "failed", "stopped", "interrupted", "pending")
+# A trial's state, from its folder (and the run id of the live `sweep.py run`, if any). "trained":
+# its training finished (another evaluation exists) but this evaluation does not exist yet.
+STATES = ("done", "running", "failed", "stopped", "interrupted", "trained", "pending")
 # Trials a run still has to finish: early-stopped ones are final, like finished ones.
-UNFINISHED = ("running", "interrupted", "pending")
+UNFINISHED = ("running", "interrupted", "trained", "pending")
+# The results layout this module reads and writes; sweep.json records it.
+LAYOUT = 2
+# Failures that happen again from the same checkpoint (bad input, a diverging loss): not retried
+# unless asked (`--retry-failed`); anything else (a killed worker, OOM, a lost node) is.
+DETERMINISTIC = ("UserError", "NonFiniteLossError")
 
 
 @dataclass(frozen=True)
@@ -44,6 +66,7 @@ class TrialStatus:
     trial_id: str
     state: str  # one of STATES
     error: str | None = None  # first line of error.json's "error" (state "failed")
+    deterministic: bool = False  # failed with an error that repeats (DETERMINISTIC)
     step: int | None = None  # last reported step
     steps: int | None = None  # steps the trial runs
     elapsed_s: float | None = None  # wall time so far (done: the trial's own wall_s)
@@ -74,8 +97,25 @@ class SweepRecord:
     def checkpoint_dir(self, trial_id: str) -> Path:
         return self.trial_dir(trial_id) / "checkpoints"
 
-    def per_image_path(self, trial_id: str) -> Path:
-        return self.trial_dir(trial_id) / "per_image.csv"
+    @property
+    def stream_dir(self) -> Path:
+        """The trials' stream cache (cascade.stream_cache writes it: one folder per stream key)."""
+        return self.root / "stream"
+
+    def eval_dir(self, trial_id: str, eval_id: str) -> Path:
+        """One evaluation of a trial's weights: config.json, metrics.json, per_image.csv, samples/."""
+        return self.trial_dir(trial_id) / "evals" / eval_id
+
+    def per_image_path(self, trial_id: str, eval_id: str) -> Path:
+        return self.eval_dir(trial_id, eval_id) / "per_image.csv"
+
+    def samples_dir(self, trial_id: str, eval_id: str) -> Path:
+        return self.eval_dir(trial_id, eval_id) / "samples"
+
+    def evaluations(self, trial_id: str) -> list[str]:
+        """Eval ids of the finished evaluations of a trial, sorted."""
+        evals = self.trial_dir(trial_id) / "evals"
+        return sorted(p.parent.name for p in evals.glob("*/metrics.json")) if evals.is_dir() else []
 
     def log_path(self, trial_id: str) -> Path:
         return self.trial_dir(trial_id) / "train.log"
@@ -93,10 +133,17 @@ class SweepRecord:
             cells = plan.get("cells") if isinstance(plan, dict) else None
             if not isinstance(cells, list) or not cells:
                 raise UserError(f"{self.plan_path}: expected a non-empty list under 'cells'")
+            if plan.get("layout") != LAYOUT:
+                raise UserError(
+                    f"{self.root} was written by an older flaresweep (results layout "
+                    f"{plan.get('layout', 1)}, this one reads {LAYOUT}: trials are now named by the "
+                    "content of their inputs); move it aside (mv "
+                    f"{self.root} {self.root}.layout{plan.get('layout', 1)}) and run the sweep again")
             self._plan = plan
         return self._plan
 
     def write_plan(self, plan: dict[str, Any]) -> None:
+        plan = {**plan, "layout": LAYOUT}
         atomic_write_json(self.plan_path, plan)
         self._plan = plan
 
@@ -106,19 +153,20 @@ class SweepRecord:
         return list(dict.fromkeys(c["trial_id"] for c in plan["cells"])) if plan else []
 
     # -- trial states ---------------------------------------------------------------------------------
-    def status(self, trial_id: str, active_run: str | None = None, now: float | None = None
-               ) -> TrialStatus:
-        """State of one trial; `active_run` is the run id of a live `sweep.py run` (None: none)."""
-        return trial_status(self.trial_dir(trial_id), active_run, time.time() if now is None else now)
+    def status(self, trial_id: str, eval_id: str, active_run: str | None = None,
+               now: float | None = None) -> TrialStatus:
+        """State of one evaluation of a trial; `active_run`: the run id of a live `sweep.py run`."""
+        return trial_status(self.trial_dir(trial_id), eval_id, active_run,
+                            time.time() if now is None else now)
 
-    def statuses(self, trial_ids: list[str], now: float | None = None) -> list[TrialStatus]:
-        """`status` of every id (in order), against the run currently holding the sweep."""
+    def statuses(self, keys: list[tuple[str, str]], now: float | None = None) -> list[TrialStatus]:
+        """`status` of every (trial id, eval id), in order, against the run holding the sweep."""
         run, now = self.active_run(), time.time() if now is None else now
-        return [trial_status(self.trial_dir(tid), run, now) for tid in trial_ids]
+        return [trial_status(self.trial_dir(tid), eid, run, now) for tid, eid in keys]
 
-    def read_metrics(self, trial_id: str) -> dict[str, Any] | None:
-        """metrics.json of a finished trial (UserError naming the file when it is not an object)."""
-        path = self.trial_dir(trial_id) / "metrics.json"
+    def read_metrics(self, trial_id: str, eval_id: str) -> dict[str, Any] | None:
+        """metrics.json of a finished evaluation (UserError naming the file when not an object)."""
+        path = self.eval_dir(trial_id, eval_id) / "metrics.json"
         if not path.is_file():
             return None
         metrics = self.read_json(path)
@@ -126,9 +174,9 @@ class SweepRecord:
             raise UserError(f"{path}: expected a JSON object")
         return metrics
 
-    def read_config(self, trial_id: str) -> dict[str, Any]:
-        """config.json the trial ran with ({} when it never started or the file is unreadable)."""
-        config = _read_json_or_none(self.trial_dir(trial_id) / "config.json")
+    def read_config(self, trial_id: str, eval_id: str) -> dict[str, Any]:
+        """config.json the evaluation ran with ({} when it never started or is unreadable)."""
+        config = _read_json_or_none(self.eval_dir(trial_id, eval_id) / "config.json")
         return config if isinstance(config, dict) else {}
 
     # -- what a run writes ----------------------------------------------------------------------------
@@ -141,14 +189,18 @@ class SweepRecord:
         (tdir / "stopped.json").unlink(missing_ok=True)
         return tdir
 
-    def write_metrics(self, trial_id: str, result: dict[str, Any]) -> None:
-        """metrics.json: what train() returned, plus the trial id; its appearance means done."""
-        atomic_write_json(self.trial_dir(trial_id) / "metrics.json", {**result, "trial_id": trial_id})
+    def write_metrics(self, trial_id: str, eval_id: str, result: dict[str, Any]) -> None:
+        """metrics.json: what train() returned, plus both ids; its appearance means done."""
+        atomic_write_json(self.eval_dir(trial_id, eval_id) / "metrics.json",
+                          {**result, "trial_id": trial_id, "eval_id": eval_id})
 
-    def write_error(self, trial_id: str, message: str, traceback: str, step: int | None) -> None:
-        """error.json: the message's first line (what `status` shows), the traceback, the step."""
+    def write_error(self, trial_id: str, message: str, traceback: str, step: int | None,
+                    deterministic: bool = False) -> None:
+        """error.json: the message's first line (what `status` shows), the traceback, the step, and
+        whether the same attempt would fail the same way (`deterministic`: not retried by default)."""
         atomic_write_json(self.trial_dir(trial_id) / "error.json", {
-            "error": first_line(message, "unknown error"), "traceback": traceback, "step": step})
+            "error": first_line(message, "unknown error"), "traceback": traceback, "step": step,
+            "deterministic": deterministic})
 
     def write_stopped(self, trial_id: str, step: Any, metrics: dict[str, Any]) -> None:
         """stopped.json: the scheduler ended the trial early; it is final, never resumed."""
@@ -164,16 +216,13 @@ class SweepRecord:
         return SweepLock(self.root, run_id)
 
     def active_run(self) -> str | None:
-        """Run id of the `sweep.py run` holding the folder, or None when no run holds it."""
-        lock = self.root / ".lock"
-        if not lock.exists():
-            return None
-        try:
-            with file_lock(lock, shared=True, blocking=False):
-                return None
-        except BlockingIOError:
-            run = _read_json_or_none(self.root / "run.json") or {}
-            return str(run.get("run_id", "?"))
+        """Run id of the live `sweep.py run` holding the folder, or None when no run holds it.
+
+        Reads run.json and takes no lock: a `status` can never make a starting `run` fail (a
+        brief shared lock could), and it works on a read-only mount of the results.
+        """
+        run = _read_json_or_none(self.root / "run.json")
+        return str(run.get("run_id", "?")) if run_is_live(run) else None
 
     @staticmethod
     def read_json(path: Path) -> Any:
@@ -184,10 +233,10 @@ class SweepRecord:
             raise UserError(f"{path}: unreadable JSON ({exc})") from None
 
 
-def trial_status(trial_dir: Path, active_run: str | None, now: float) -> TrialStatus:
-    """State of the trial in `trial_dir` (`SweepRecord.status` for a trial of a sweep)."""
+def trial_status(trial_dir: Path, eval_id: str, active_run: str | None, now: float) -> TrialStatus:
+    """State of evaluation `eval_id` of the trial in `trial_dir` (`SweepRecord.status`)."""
     tid = trial_dir.name
-    metrics = _read_json_or_none(trial_dir / "metrics.json")
+    metrics = _read_json_or_none(trial_dir / "evals" / eval_id / "metrics.json")
     if isinstance(metrics, dict):
         return TrialStatus(tid, "done", elapsed_s=_number(metrics.get("wall_s")),
                            steps=_number(metrics.get("steps")), metrics=metrics)
@@ -199,7 +248,8 @@ def trial_status(trial_dir: Path, active_run: str | None, now: float) -> TrialSt
         error = _read_json_or_none(trial_dir / "error.json")
         error = error if isinstance(error, dict) else {}
         text = first_line(error.get("error"), "unknown error (unreadable error.json)")
-        return TrialStatus(tid, "failed", error=text, step=_number(error.get("step")), steps=steps)
+        return TrialStatus(tid, "failed", error=text, step=_number(error.get("step")), steps=steps,
+                           deterministic=error.get("deterministic") is True)
     if (trial_dir / "stopped.json").exists():
         stopped = _read_json_or_none(trial_dir / "stopped.json")
         stopped = stopped if isinstance(stopped, dict) else {}
@@ -209,6 +259,8 @@ def trial_status(trial_dir: Path, active_run: str | None, now: float) -> TrialSt
         elapsed = now - float(progress.get("started", now))
         eta = elapsed * (steps - step) / step if step and steps else None
         return TrialStatus(tid, "running", step=step, steps=steps, elapsed_s=elapsed, eta_s=eta)
+    if any((trial_dir / "evals").glob("*/metrics.json")):  # trained; this evaluation is new
+        return TrialStatus(tid, "trained", step=step, steps=steps)
     if progress or any((trial_dir / "checkpoints").glob("*")):
         return TrialStatus(tid, "interrupted", step=step, steps=steps)
     return TrialStatus(tid, "pending")
@@ -232,33 +284,93 @@ class Heartbeat:
 class SweepLock:
     """Held by `sweep.py run` for its whole life: one run per results folder at a time.
 
-    An flock dies with its process, so a killed driver never leaves a stale lock behind.
+    The lock is `cascade.io.file_lock` on `.lock`: an flock on a local disk (it dies with its
+    process), a lease file on a network file system, where flock is missing or only node-local
+    (stale once its heartbeat stops for `lease_stale_s()`, at once when its pid is gone from this
+    host). Both write run.json (run id, host, pid, started) and touch it every
+    `lease_stale_s() / 6`: that heartbeat is what `active_run` (and so `status`) reads, lock-free;
+    leaving marks it "ended".
     """
 
     def __init__(self, sweep_dir: Path, run_id: str) -> None:
         self.sweep_dir, self.run_id = Path(sweep_dir), run_id
+        self.kind: str | None = None  # "flock" or "lease" while held
         self._held: Any = None
+        self._info: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    @property
+    def run_path(self) -> Path:
+        return self.sweep_dir / "run.json"
 
     def __enter__(self) -> SweepLock:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        held = file_lock(self.sweep_dir / ".lock", blocking=False)
+        held = file_lock(self.sweep_dir / ".lock", blocking=False, owner={"run_id": self.run_id})
         try:
-            held.__enter__()
-        except BlockingIOError:
-            run = _read_json_or_none(self.sweep_dir / "run.json") or {}
-            raise UserError(f"{self.sweep_dir} is in use by another `sweep.py run` "
-                            f"(pid {run.get('pid', '?')} on {run.get('host', '?')}); "
-                            "wait for it or stop it first") from None
+            self.kind = held.__enter__()
+        except BlockingIOError as exc:
+            # The holder may have taken the lock a moment ago and not written run.json yet.
+            deadline, run = time.time() + 2.0, None
+            while not run_is_live(run) and time.time() < deadline:
+                time.sleep(0.05)
+                run = _read_json_or_none(self.run_path)
+            if not run_is_live(run):
+                run = getattr(exc, "holder", None) or run
+            run = run if isinstance(run, dict) else {}
+            raise UserError(f"{self.sweep_dir} is in use by another `sweep.py run` (run "
+                            f"{run.get('run_id', '?')}, {describe_holder(run)}); wait for it or "
+                            "stop it first") from None
         self._held = held
-        atomic_write_json(self.sweep_dir / "run.json", {
-            "run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.time()})
+        self._info = {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.time(), "lock": self.kind}
+        self._write()
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="sweep lock", daemon=True)
+        self._beat.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         held, self._held = self._held, None
-        if held is not None:
+        if held is None:
+            return
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        try:
+            if self._ours():
+                self._write(ended=time.time())
+        finally:
             held.__exit__(None, None, None)
+
+    def _write(self, **extra: Any) -> None:
+        atomic_write_json(self.run_path, {**self._info, "updated": time.time(), **extra})
+
+    def _ours(self) -> bool:
+        """run.json still names this run (a lease broken while we were stalled names another)."""
+        run = _read_json_or_none(self.run_path)
+        return isinstance(run, dict) and run.get("run_id") == self.run_id
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(max(0.05, lease_stale_s() / 6)):
+            if not self._ours():
+                return
+            try:
+                self._write()
+            except OSError:  # a full or briefly unreachable file server: try again next beat
+                continue
+
+
+def run_is_live(run: Any, now: float | None = None) -> bool:
+    """Whether run.json content `run` describes a `sweep.py run` that is alive: not ended, its
+    heartbeat no older than `lease_stale_s()`, and, on this host, its pid still there."""
+    if not isinstance(run, dict) or run.get("ended") is not None:
+        return False
+    if run.get("host") == socket.gethostname() and not pid_alive(run.get("pid")):
+        return False
+    updated = _number(run.get("updated", run.get("started")))
+    now = time.time() if now is None else now
+    return updated is not None and now - updated <= lease_stale_s()
 
 
 def _read_json_or_none(path: Path) -> Any:

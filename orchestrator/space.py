@@ -33,19 +33,21 @@ Pure Python, no torch, no Ray: sweep.py turns a `SweepSpace` into Ray Tune calls
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cascade.config import ID_FIELDS, PATH_FIELDS, TrialConfig
+from cascade.config import PATH_FIELDS, TrialConfig
 from cascade.errors import UserError
 from cascade.io import parse_yaml
+from orchestrator import identity, preflight
 
 TOP_KEYS = ("name", "grid", "fixed", "reference", "seeds", "requires", "resources",
             "max_concurrent", "max_failures", "search")
@@ -97,7 +99,11 @@ class Search:
 
 @dataclass(frozen=True)
 class Cell:
-    """One row of the plan. Cells with equal `trial_id` share one trial (the lambda_ = 0 pair)."""
+    """One row of the plan. Cells with equal `trial_id` share one trial (the lambda_ = 0 pair).
+
+    `trial_id` is the training identity (the trial's folder), `eval_id` the evaluation identity
+    (orchestrator.identity); `fingerprints` the content fingerprints both were computed from.
+    """
 
     trial_id: str
     kind: str  # "cascade" or "reference"
@@ -105,11 +111,14 @@ class Cell:
     lambda_: float | None
     seed: int
     config: TrialConfig
+    eval_id: str = ""
+    fingerprints: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def to_json(self) -> dict[str, Any]:
         """The cell as `sweep.json` stores it (docs/design.md, "Results on disk")."""
-        return {"trial_id": self.trial_id, "kind": self.kind, "k": self.k, "lambda_": self.lambda_,
-                "seed": self.seed, "config": self.config.to_dict()}
+        return {"trial_id": self.trial_id, "eval_id": self.eval_id, "kind": self.kind, "k": self.k,
+                "lambda_": self.lambda_, "seed": self.seed, "config": self.config.to_dict(),
+                "fingerprints": self.fingerprints}
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,9 @@ class SweepSpace:
     max_concurrent: int | None
     max_failures: int
     search: Search | None
+    # The content fingerprints every search sample shares (its files are fixed fields), computed
+    # once when the space is loaded; None without a search.
+    search_fingerprints: dict[str, Any] | None = field(default=None, compare=False)
 
     def trials(self) -> list[Cell]:
         """One cell per distinct trial id, in plan order."""
@@ -152,23 +164,42 @@ def distinct_trials(cells: Iterable[Cell]) -> list[Cell]:
     return list(seen.values())
 
 
-def trial_id(cfg: TrialConfig) -> str:
-    """Stable, readable id of a trial: `k2-l0.6-s0-<hash>` / `ref-s0-<hash>`.
+def trial_id(cfg: TrialConfig, inputs: dict[str, Any] | None = None) -> str:
+    """Stable, readable id of a trial's training: `k2-l0.6-s0-<hash>` / `ref-s0-<hash>`.
 
-    The hash covers `config.ID_FIELDS` (every field but the runtime ones), so the same resolved config always maps to the
-    same results folder, and any change that alters results maps to a new one.
+    The hash is the training identity (orchestrator.identity.training_key): the fields that change
+    the trained weights plus the content fingerprints of its input files, never their paths.
     """
+    inputs = identity.training_inputs(cfg) if inputs is None else inputs
     prefix = f"ref-s{cfg.seed}" if cfg.kind == "reference" else f"k{cfg.k}-l{cfg.lambda_:.3g}-s{cfg.seed}"
-    return f"{prefix}-{cfg.digest(ID_FIELDS)[:8]}"
+    return f"{prefix}-{identity.training_key(cfg, inputs)[:8]}"
 
 
-def cell_for(cfg: TrialConfig, k: int | None = None) -> Cell:
-    """The plan cell of a config (the grid's `k` may differ from cfg.k for lambda_ = 0)."""
-    if cfg.kind == "reference":
-        return Cell(trial_id(cfg), "reference", None, None, cfg.seed, cfg)
-    if cfg.lambda_ == 0.0 and cfg.k != LAMBDA0_K:
+def eval_id(cfg: TrialConfig, train_id: str, inputs: dict[str, Any] | None = None) -> str:
+    """Readable id of an evaluation of a trial: `<protocol>-<hash>` (identity.evaluation_key)."""
+    inputs = identity.evaluation_inputs(cfg) if inputs is None else inputs
+    return f"{cfg.protocol}-{identity.evaluation_key(train_id, cfg, inputs)[:8]}"
+
+
+def cell_for(cfg: TrialConfig, k: int | None = None,
+             fingerprints: dict[str, Any] | None = None) -> Cell:
+    """The plan cell of a config (the grid's `k` may differ from cfg.k for lambda_ = 0).
+
+    `fingerprints` ({"training": ..., "evaluation": ...}): the ones the plan was made with (a trial
+    process rebuilding its cell); None: computed from the files now.
+    """
+    if cfg.kind == "cascade" and cfg.lambda_ == 0.0 and cfg.k != LAMBDA0_K:
         cfg = cfg.replace(k=LAMBDA0_K)
-    return Cell(trial_id(cfg), "cascade", cfg.k if k is None else k, cfg.lambda_, cfg.seed, cfg)
+    if fingerprints is None:
+        fingerprints = {"training": identity.training_inputs(cfg),
+                        "evaluation": identity.evaluation_inputs(cfg)}
+    training, evaluation = fingerprints["training"], fingerprints["evaluation"]
+    tid = trial_id(cfg, training)
+    prints = {"training": training, "evaluation": evaluation}
+    if cfg.kind == "reference":
+        return Cell(tid, "reference", None, None, cfg.seed, cfg, eval_id(cfg, tid, evaluation), prints)
+    return Cell(tid, "cascade", cfg.k if k is None else k, cfg.lambda_, cfg.seed, cfg,
+                eval_id(cfg, tid, evaluation), prints)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -184,10 +215,13 @@ def load_space(
     seeds: int | None = None,
     gpus_per_trial: float | None = None,
     max_concurrent: int | None = None,
+    protocol: str | None = None,
+    base_kind: str | None = None,
 ) -> SweepSpace:
     """Read, validate and expand a search space; the keyword arguments are command-line overrides.
 
-    `seeds=N` replaces the file's seeds by 0..N-1. Raises UserError (one line, naming the file and
+    `seeds=N` replaces the file's seeds by 0..N-1; `protocol` the evaluation protocol (a new
+    evaluation of the same trials, no retraining). Raises UserError (one line, naming the file and
     key) on anything the orchestrator would not understand.
     """
     path = Path(path)
@@ -202,7 +236,8 @@ def load_space(
     for key in ("kind", "seed"):
         if key in fixed:
             raise UserError(f"{where}: fixed.{key} is set by the sweep (use `reference` / `seeds`)")
-    cli = {"data": data, "backgrounds": backgrounds, "test_data": test_data, "checkpoint": checkpoint}
+    cli = {"data": data, "backgrounds": backgrounds, "test_data": test_data, "checkpoint": checkpoint,
+           "protocol": protocol, "base_kind": base_kind}
     fixed.update({key: value for key, value in cli.items() if value is not None})
     for key in PATH_FIELDS:
         if isinstance(fixed.get(key), str):
@@ -228,6 +263,11 @@ def load_space(
     if gpus_per_trial is not None:
         resources = Resources(cpu=resources.cpu, gpu=float(gpus_per_trial))
         _check_gpu(resources.gpu, "--gpus-per-trial")
+        # N >= 2 GPUs per trial: one data-parallel rank per GPU, unless the space sets workers.
+        search_params = _mapping(_mapping(raw.get("search"), f"{where}: search").get("params"),
+                                 f"{where}: search.params")
+        open_keys = set(fixed) | set(_mapping(raw.get("grid"), f"{where}: grid")) | set(search_params)
+        fixed.update(preflight.workers_for_gpus(gpus_per_trial, open_keys))
     concurrent = raw.get("max_concurrent") if max_concurrent is None else max_concurrent
     if concurrent is not None and not _is_int(concurrent, minimum=1):
         raise UserError(f"{where}: max_concurrent={concurrent!r} is invalid; expected an integer >= 1")
@@ -266,9 +306,13 @@ def load_space(
             cells.append(cell_for(cfg, k=cfg.k))
     for cell in cells:
         _check_device(cell.config, resources, where)
-    return SweepSpace(path=path, name=name, question=question, fixed=fixed, cells=tuple(cells),
-                      seeds=seed_list, resources=resources, max_concurrent=concurrent,
-                      max_failures=max_failures, search=search)
+    space = SweepSpace(path=path, name=name, question=question, fixed=fixed, cells=tuple(cells),
+                       seeds=seed_list, resources=resources, max_concurrent=concurrent,
+                       max_failures=max_failures, search=search)
+    if search is not None:
+        probe = cell_for(space.search_probe())
+        space = dataclasses.replace(space, search_fingerprints=probe.fingerprints)
+    return space
 
 
 def _find_backgrounds(data: Path, where: str) -> str:
@@ -379,6 +423,7 @@ def _check_device(cfg: TrialConfig, resources: Resources, where: str) -> None:
     if cfg.device == "cpu" and resources.gpu > 0:
         raise UserError(f"{where}: device: cpu would leave the trial's {resources.gpu:g} GPU idle; "
                         "set fixed.device to auto or cuda")
+    preflight.check_placement(cfg, resources.gpu, where)  # ranks vs whole GPUs, before Ray starts
 
 
 def _grid(value: Any, fixed: dict[str, Any], where: str) -> dict[str, list[Any]]:
@@ -392,6 +437,10 @@ def _grid(value: Any, fixed: dict[str, Any], where: str) -> dict[str, list[Any]]
             raise UserError(f"{where}: grid.{key} is set by the sweep (use `reference` / `seeds`)")
         if key in fixed:
             raise UserError(f"{where}: {key} is in both grid and fixed")
+        if key in identity.eval_fields():
+            raise UserError(f"{where}: grid.{key} is an evaluation setting: the evaluations of one "
+                            "training run share its folder; set it in fixed (or `--protocol`), "
+                            "and each value is evaluated from the same weights")
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}: grid.{key} is empty; expected a non-empty list of values")
         if len({repr(v) for v in values}) != len(values):
@@ -443,8 +492,8 @@ def _search(value: Any, fixed: dict[str, Any], where: str) -> Search:
 def _param(name: str, spec: Any, fixed: dict[str, Any], where: str) -> Param:
     if name in fixed:
         raise UserError(f"{where}: {name} is also in fixed")
-    if name in ("kind", "seed"):
-        raise UserError(f"{where}: {name} cannot be searched")
+    if name in ("kind", "seed") or name in PATH_FIELDS or name in identity.eval_fields():
+        raise UserError(f"{where}: {name} cannot be searched (a search samples training settings)")
     if not isinstance(spec, dict) or len(spec) != 1:
         raise UserError(f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}")
     (dist, args), = spec.items()

@@ -25,9 +25,16 @@ METRICS = ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "ssim_stre
 # Differences to the reference are shown (diff.tex, diff_vs_lambda) in dB and in 1e-3 SSIM units.
 DIFF_SCALE = {m: 1.0 if m.startswith("psnr") else 1e3 for m in METRICS}
 PER_IMAGE_COLUMNS = ("image", "region", "metric", "value")
+# LPIPS over the entire image (cascade.evaluate): not in the paper's Table 1, an extra column group.
+LPIPS_METRIC = "lpips_entire"
 # Trial facts quoted in captions; read from metrics.json, then config.json, then the plan.
+# The loss conventions (reduction, encoder_features, margin, random_erasing) and the evaluation
+# path (base_kind, eval_mode, lpips: the LPIPS convention) are what issue 17 made explicit; d_pn
+# (the measured d(p, n), a dict) and the lpips_* provenance exist in metrics.json only.
 FACT_KEYS = ("protocol", "encoder", "encoder_pretrained", "data", "test_data", "test_data_dir",
-             "checkpoint", "n_images", "seed")
+             "checkpoint", "n_images", "seed", "reduction", "encoder_features", "margin",
+             "random_erasing", "base_kind", "eval_mode", "lpips", "lpips_weights_source",
+             "lpips_fingerprint", "lpips_reason", "d_pn")
 # "stopped": ended early by the scheduler (stopped.json), never resumed; "pending": not finished
 # (not started, running or interrupted).
 STATUSES = ("done", "failed", "stopped", "pending")
@@ -43,20 +50,24 @@ class SweepResults:
     root: Path
     name: str
     # One row per plan cell: cell, trial_id, kind, k, lambda_, seed, sampled, status, error,
-    # shared, and the METRICS columns (NaN unless status == "done").
+    # shared, and the METRICS and LPIPS_METRIC columns (NaN unless status == "done"; LPIPS also
+    # NaN when the trial had no LPIPS weights).
     cells: pd.DataFrame
     # image (stem), region, metric, value, trial_id; finished trials only.
     per_image: pd.DataFrame
     # trial_id -> {FACT_KEYS...}: what the trial actually ran with (None where unknown).
     trials: dict[str, dict[str, Any]]
+    record: SweepRecord | None = None
 
     def trial_dir(self, trial_id: str) -> Path:
-        """Folder of one trial."""
-        return self.root / "trials" / trial_id
+        """Folder of the trial's evaluation these results show (samples/, per_image.csv)."""
+        record = self.record or SweepRecord(self.root)
+        return record.eval_dir(trial_id, self.trials[trial_id]["eval_id"])
 
 
-def load_sweep(sweep_dir: str | Path) -> SweepResults:
-    """Read `sweep_dir` (a `results/<sweep>` folder).
+def load_sweep(sweep_dir: str | Path, cells: list[dict[str, Any]] | None = None) -> SweepResults:
+    """Read `sweep_dir` (a `results/<sweep>` folder) for `cells` (sweep.json entries: each names a
+    trial and one of its evaluations; default: the plan the last run recorded).
 
     Raises UserError (one line) when there is no plan, the plan is malformed, or no trial finished.
     """
@@ -65,7 +76,7 @@ def load_sweep(sweep_dir: str | Path) -> SweepResults:
     plan = record.read_plan()
     if plan is None:
         raise UserError(f"{_shown(root)}: no sweep results (run `make sweep` first)")
-    raw_cells, plan_path = plan["cells"], record.plan_path
+    raw_cells, plan_path = (plan["cells"] if cells is None else cells), record.plan_path
 
     rows, trials, per_image = [], {}, []
     for i, cell in enumerate(raw_cells):
@@ -73,18 +84,20 @@ def load_sweep(sweep_dir: str | Path) -> SweepResults:
     cells = pd.DataFrame(rows)
     cells["k"] = cells["k"].astype("Int64")
     cells["seed"] = cells["seed"].astype("Int64")
+    evals = dict(zip(cells["trial_id"], cells["eval_id"]))
     for trial_id, plan_config in cells.groupby("trial_id", sort=False)["config"].first().items():
-        status, error, metrics = _trial_state(record, trial_id)
-        trials[trial_id] = {"status": status, "error": error, "metrics": metrics,
-                            **_facts(record.read_config(trial_id), plan_config, metrics)}
+        eval_id = evals[trial_id]
+        status, error, metrics = _trial_state(record, trial_id, eval_id)
+        trials[trial_id] = {"status": status, "error": error, "metrics": metrics, "eval_id": eval_id,
+                            **_facts(record.read_config(trial_id, eval_id), plan_config, metrics)}
         if status == "done":
-            per_image.append(_read_per_image(record.per_image_path(trial_id), trial_id))
+            per_image.append(_read_per_image(record.per_image_path(trial_id, eval_id), trial_id))
 
     cells["status"] = cells["trial_id"].map(lambda t: trials[t]["status"])
     cells["error"] = cells["trial_id"].map(lambda t: trials[t]["error"])
     # λ=0 cells of k=1 and k=2 are one trial (no L_REG term); both rows show it, with a footnote.
     cells["shared"] = cells.groupby("trial_id")["trial_id"].transform("size") > 1
-    for m in METRICS:
+    for m in (*METRICS, LPIPS_METRIC):
         cells[m] = cells["trial_id"].map(lambda t, m=m: _as_float(trials[t]["metrics"].get(m)))
     cells = cells.drop(columns="config")
 
@@ -95,7 +108,7 @@ def load_sweep(sweep_dir: str | Path) -> SweepResults:
     frame = (pd.concat(per_image, ignore_index=True) if per_image
              else pd.DataFrame(columns=[*PER_IMAGE_COLUMNS, "trial_id"]))
     return SweepResults(root=root, name=str(plan.get("name") or root.name), cells=cells,
-                        per_image=frame, trials=trials)
+                        per_image=frame, trials=trials, record=record)
 
 
 def _shown(path: Path) -> str:
@@ -124,6 +137,7 @@ def _plan_row(i: int, cell: Any, where: Path) -> dict[str, Any]:
     return {
         "cell": i,
         "trial_id": cell["trial_id"],
+        "eval_id": str(cell.get("eval_id") or ""),
         "kind": kind,
         # The reference has no k/λ of its own: keep NaN so it never lands in a cascade row.
         "k": pd.NA if kind == "reference" or k is None else int(k),
@@ -135,13 +149,14 @@ def _plan_row(i: int, cell: Any, where: Path) -> dict[str, Any]:
     }
 
 
-def _trial_state(record: SweepRecord, trial_id: str) -> tuple[str, str | None, dict[str, Any]]:
-    """(status, first error line, metrics) in STATUSES terms: running and interrupted trials are
-    "pending" here; an unreadable metrics.json is a UserError naming it, never a silent gap."""
-    metrics = record.read_metrics(trial_id)
+def _trial_state(record: SweepRecord, trial_id: str, eval_id: str
+                 ) -> tuple[str, str | None, dict[str, Any]]:
+    """(status, first error line, metrics) in STATUSES terms: running, interrupted and trained
+    trials are "pending" here; an unreadable metrics.json is a UserError naming it."""
+    metrics = record.read_metrics(trial_id, eval_id)
     if metrics is not None:
         return "done", None, metrics
-    status = record.status(trial_id)
+    status = record.status(trial_id, eval_id)
     if status.state in ("failed", "stopped"):
         return status.state, status.error, {}
     return "pending", None, {}
@@ -205,6 +220,13 @@ def describe_trials(sweep: SweepResults, cells: pd.DataFrame) -> dict[str, Any]:
     if any(f["test_data"] is None for f in facts):
         reasons.append("procedural test set")
     encoders = [f"{f['encoder']} ({_pretrained_text(f['encoder_pretrained'])})" for f in cascade]
+
+    def known(key: str, of: list[dict[str, Any]]) -> str:  # "" where unrecorded (older results)
+        return joined([f[key] for f in of if f[key] is not None])
+
+    def ours(key: str) -> str:  # a cascade-only fact; "" for the reference row
+        return known(key, cascade)
+
     return {
         "protocol": joined([f["protocol"] for f in facts]),
         "encoder": joined(encoders) if cascade else "",
@@ -214,7 +236,31 @@ def describe_trials(sweep: SweepResults, cells: pd.DataFrame) -> dict[str, Any]:
         "checkpoint": joined([f["checkpoint"] or "procedural base" for f in facts]),
         "demo": bool(reasons),
         "demo_reasons": "; ".join(reasons),
+        "reduction": ours("reduction"),
+        "encoder_features": ours("encoder_features"),
+        "random_erasing": ours("random_erasing"),
+        "margin": ours("margin"),
+        "base_kind": known("base_kind", facts),
+        "eval_mode": known("eval_mode", facts),
+        "lpips": known("lpips", facts),
+        "lpips_fingerprint": known("lpips_fingerprint", facts),
+        "lpips_reason": known("lpips_reason", facts),
     }
+
+
+def distance_summary(sweep: SweepResults, cells: pd.DataFrame) -> dict[str, float]:
+    """The measured d(p, n) of a set of trials (metrics.json's `d_pn`): `d_pn_p50`, the mean over
+    finished trials of each one's median, and `d_pn_hinge_active`, the mean fraction of samples
+    whose triplet hinge was active. NaN where no trial recorded any (reference, lambda_ = 1)."""
+    ids = dict.fromkeys(cells["trial_id"])
+    stats = [sweep.trials[t]["d_pn"] for t in ids if sweep.trials[t]["status"] == "done"]
+    stats = [s for s in stats if isinstance(s, dict) and s.get("count")]
+
+    def mean(key: str) -> float:
+        values = [_as_float(s.get(key)) for s in stats]
+        return float(np.mean(values)) if values else float("nan")
+
+    return {"d_pn_p50": mean("p50"), "d_pn_hinge_active": mean("hinge_active")}
 
 
 def _pretrained_text(value: Any) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,15 @@ import pandas as pd
 
 from cascade.errors import cli_errors
 from cascade.io import atomic_path, atomic_write_text
-from reports import stats
+from reports import provenance, stats
 from reports.collect import (
     DIFF_SCALE,
+    LPIPS_METRIC,
     METRICS,
     SweepResults,
     demo_reasons,
     describe_trials,
+    distance_summary,
     load_sweep,
 )
 
@@ -38,12 +41,24 @@ PAPER_CSV = Path(__file__).parent / "data" / "paper_table1.csv"
 # The paper picks this cell for its figures; the qualitative grid shows it when it finished.
 PAPER_ANCHOR = (2, 0.6)
 DECIMALS = {m: 2 if m.startswith("psnr") else 4 for m in METRICS}  # the paper's rounding
+DECIMALS[LPIPS_METRIC] = 4  # as Flare7K's tables
 SIGNIFICANT = "$^{\\ast}$"  # marks a Δ whose 95% CI excludes 0
 TABLE1_WHAT = ("Table 1 regenerated: mean PSNR (dB) and SSIM over the entire image and its streak "
-               "and glare regions; best per column in bold.")
+               "and glare regions, and LPIPS over the entire image; best per column in bold.")
 REGION_NAMES = {"entire": "Entire", "streak": "Streak", "glare": "Glare"}
 META_COLUMNS = ("protocol", "encoder", "encoder_pretrained", "dataset", "test_set", "checkpoint",
                 "demo", "demo_reasons")
+# What the loss and the evaluation path were (issue 17), after META_COLUMNS; d_pn_* are numbers.
+FIDELITY_COLUMNS = ("reduction", "encoder_features", "random_erasing", "margin", "d_pn_p50",
+                    "d_pn_hinge_active", "base_kind", "eval_mode", "lpips", "lpips_fingerprint",
+                    "lpips_reason")
+# The LPIPS conventions of cascade.lpips_score, for captions (reports import no torch; a test
+# keeps the names equal to cascade.config.LPIPS_CONVENTIONS).
+LPIPS_TEXT = {
+    "flare7k": "[0, 1] inputs without normalize=True, as Flare7K's evaluate.py computes it for "
+               "its published numbers",
+    "standard": "inputs scaled to [-1, 1] (normalize=True), the range LPIPS is calibrated for",
+}
 
 
 # -- tables as DataFrames ----------------------------------------------------------------------
@@ -73,22 +88,37 @@ def _select(cells: pd.DataFrame, key: tuple[str, int | None, float | None]) -> p
 def table1_frame(sweep: SweepResults) -> pd.DataFrame:
     """Tidy Table 1: one row per (method, k, lambda_), full-precision means, stds and metadata.
 
-    Columns: method, k, lambda_, METRICS, <metric>_std, n_seeds, n_planned, status (done,
-    partial, failed, stopped, pending), seeds, trial_ids, shared (λ=0 trial shown under both k), error,
-    and META_COLUMNS. Rows that have no result keep NaN metrics (never dropped, never 0).
+    Columns: method, k, lambda_, METRICS, lpips_entire, <metric>_std (lpips_entire_std too),
+    n_seeds, n_planned, status (done, partial, failed, stopped, pending), seeds, trial_ids, shared
+    (λ=0 trial shown under both k), error, META_COLUMNS and FIDELITY_COLUMNS. Rows that have no
+    result keep NaN metrics (never dropped, never 0); lpips_entire is NaN also where the trials
+    had no LPIPS weights (lpips_reason says why).
     """
     rows = []
     for key in row_keys(sweep.cells):
         group = _select(sweep.cells, key)
         errors = group.loc[group["status"] == "failed", "error"].dropna().unique()
         rows.append({"method": key[0], "k": key[1], "lambda_": key[2],
-                     **stats.aggregate_seeds(group), "error": "; ".join(errors) or None,
-                     **describe_trials(sweep, group)})
+                     **stats.aggregate_seeds(group), **_lpips_over_seeds(group),
+                     "error": "; ".join(errors) or None, **describe_trials(sweep, group),
+                     **distance_summary(sweep, group)})
     frame = pd.DataFrame(rows)
     frame["k"] = frame["k"].astype("Int64")
-    order = ["method", "k", "lambda_", *METRICS, *(m + "_std" for m in METRICS), "n_seeds",
-             "n_planned", "status", "seeds", "trial_ids", "shared", "error", *META_COLUMNS]
+    values = [*METRICS, LPIPS_METRIC]
+    order = ["method", "k", "lambda_", *values, *(m + "_std" for m in values), "n_seeds",
+             "n_planned", "status", "seeds", "trial_ids", "shared", "error", *META_COLUMNS,
+             *FIDELITY_COLUMNS]
     return frame[order]
+
+
+def _lpips_over_seeds(cells: pd.DataFrame) -> dict[str, float]:
+    """lpips_entire mean and sample std (ddof=1; NaN below 2) over a row's finished trials that
+    have it, as `stats.aggregate_seeds` does for the paper's metrics."""
+    trials = cells.drop_duplicates("trial_id")
+    values = trials.loc[trials["status"] == "done", LPIPS_METRIC].to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    return {LPIPS_METRIC: float(values.mean()) if values.size else np.nan,
+            LPIPS_METRIC + "_std": float(values.std(ddof=1)) if values.size >= 2 else np.nan}
 
 
 def diff_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
@@ -186,24 +216,33 @@ class _Notes:
         return "\\\\\n".join(f"$^{{{letter}}}$\\,{text}" for text, letter in self.texts.items())
 
 
-def _columns(title: dict[str, str]) -> pd.MultiIndex:
+def _columns(title: dict[str, str], lpips: bool = False) -> pd.MultiIndex:
+    """Column labels: Method, k, λ, the METRICS under their spanners, then (with `lpips`) the
+    LPIPS group."""
     head = [("", "Method"), ("", "$k$"), ("", "$\\lambda$")]
     body = [(title[m.split("_")[0]], REGION_NAMES[m.split("_")[1]]) for m in METRICS]
-    return pd.MultiIndex.from_tuples(head + body)
+    extra = [(title["lpips"], REGION_NAMES["entire"])] if lpips else []
+    return pd.MultiIndex.from_tuples(head + body + extra)
 
 
 def _render(frame: pd.DataFrame, bold: pd.DataFrame, *, caption: str, label: str,
             group_starts: list[int], notes: _Notes) -> str:
-    """A booktabs `table` float via Styler.to_latex, with group rules and footnotes added."""
+    """A booktabs `table` float via Styler.to_latex, with group rules and footnotes added.
+
+    The value columns after Method, k, λ are the METRICS and optionally one LPIPS column."""
+    n_values = frame.shape[1] - 3
     styler = frame.style.hide(axis="index").apply(
         lambda _: bold.map(lambda b: "textbf:--rwrap;" if b else ""), axis=None)
     latex = styler.to_latex(environment="table", position="tbp", position_float="centering",
                             hrules=True, caption=caption, label=label, multicol_align="c",
-                            column_format="l" + "c" * 2 + "r" * len(METRICS))
+                            column_format="l" + "c" * 2 + "r" * n_values)
     lines = latex.splitlines()
     top = lines.index("\\toprule")
-    # \cmidrule under the "PSNR | SSIM" spanners, as booktabs tables do.
-    lines.insert(top + 2, "\\cmidrule(lr){4-6}\\cmidrule(lr){7-9}")
+    # \cmidrule under the "PSNR | SSIM" (| LPIPS) spanners, as booktabs tables do.
+    rules = "\\cmidrule(lr){4-6}\\cmidrule(lr){7-9}"
+    if n_values > len(METRICS):
+        rules += f"\\cmidrule(lr){{10-{3 + n_values}}}"
+    lines.insert(top + 2, rules)
     body = lines.index("\\midrule") + 1
     for row in sorted(group_starts, reverse=True):  # bottom-up keeps earlier indices valid
         lines.insert(body + row, "\\midrule")
@@ -256,6 +295,14 @@ def _missing(row: Any, sweep_dir: str, notes: _Notes) -> str:
     return "---" + notes.mark("The trial finished but did not report this metric.")
 
 
+def _no_lpips(row: Any) -> str:
+    """Footnote of a finished row without LPIPS: the reason its trials recorded."""
+    reason = getattr(row, "lpips_reason", "") or ""
+    if not reason or pd.isna(reason):
+        return "No LPIPS recorded: these trials ran before LPIPS was added to the evaluation."
+    return f"LPIPS not computed: {escape_latex(reason)}."
+
+
 def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -281,9 +328,75 @@ def caption_text(table: pd.DataFrame, sweep: SweepResults, what: str) -> str:
     if meta["encoder"]:
         parts.append(f"Ours: cascaded fine-tuning, encoder {escape_latex(meta['encoder'])}, "
                      f"training data: {escape_latex(meta['dataset'])}.")
+    if len(ours):
+        parts.append(_loss_text(ours))
+    parts.append(_evaluation_text(table))
     seed_text = ", ".join(map(str, seeds)) or "none"
     parts.append(f"Seeds: {seed_text}" + ("; mean $\\pm$ std over seeds." if max_seeds > 1 else "."))
     return " ".join(parts)
+
+
+def _distinct(frame: pd.DataFrame, column: str) -> list[str]:
+    """The distinct non-empty values of a text column, in row order (each may join several)."""
+    values = [v for text in frame[column].dropna() for v in str(text).split("; ") if v]
+    return list(dict.fromkeys(values))
+
+
+def _span(values: pd.Series, fmt: str) -> str:
+    """"a" or "a--b" over the finite values (formatted with `fmt`)."""
+    finite = values.astype(float)
+    finite = finite[np.isfinite(finite)]
+    low, high = format(finite.min(), fmt), format(finite.max(), fmt)
+    return low if low == high else f"{low}--{high}"
+
+
+def _loss_text(ours: pd.DataFrame) -> str:
+    """The loss conventions of the cascade rows and the margin beside the measured d(p, n)."""
+    def tt(column: str) -> str:
+        return ", ".join(f"\\texttt{{{escape_latex(v)}}}" for v in _distinct(ours, column)) or "unknown"
+
+    erasing = [float(v) for v in _distinct(ours, "random_erasing")]
+    erasing_text = ("unknown" if not erasing else "none" if erasing == [0.0]
+                    else "$p = " + ", ".join(f"{p:g}" for p in erasing) + "$ (input only)")
+    margins = ", ".join(_distinct(ours, "margin")) or "unknown"
+    if ours["d_pn_p50"].notna().any():
+        measured = (f"the measured $d(p, n) = \\lVert f(p) - f(n) \\rVert^2$ has median "
+                    f"{_span(ours['d_pn_p50'], '.3g')} over training (rows with a triplet term; "
+                    f"hinge active for {_span(100 * ours['d_pn_hinge_active'], '.0f')}\\,\\% of "
+                    "samples)")
+        if _margins_above(ours):  # the hinge [d(a,p) - d(a,n) + alpha]_+ stays open at a = p
+            measured += (", below $\\alpha$: the triplet term cannot vanish even when the anchor "
+                         "reaches the ground truth")
+    else:
+        measured = "$d(p, n)$ was not measured (no trial has a triplet term)"
+    return (f"Loss: norms reduced by {tt('reduction')} per sample, encoder features "
+            f"{tt('encoder_features')}, random erasing {erasing_text}; margin $\\alpha = {margins}$, "
+            f"in the units of $d$; {measured}.")
+
+
+def _margins_above(ours: pd.DataFrame) -> bool:
+    """True when every row's margin exceeds its median d(p, n) (rows that measured one)."""
+    rows = ours[ours["d_pn_p50"].notna()]
+    try:
+        margins = [max(float(v) for v in str(m).split("; ")) for m in rows["margin"]]
+    except ValueError:  # no margin recorded
+        return False
+    return bool(len(rows)) and all(m > d for m, d in zip(margins, rows["d_pn_p50"]))
+
+
+def _evaluation_text(table: pd.DataFrame) -> str:
+    """Which official output path and LPIPS convention the numbers come from."""
+    kinds = _distinct(table, "base_kind")
+    how = {"flare7k": "light source re-blended from the input, as Flare7K's test.py for v1",
+           "flare7kpp": "channels 0:3 as predicted, no light-source re-blend"}
+    kind_text = "; ".join(f"\\texttt{{{escape_latex(k)}}} ({how.get(k, 'unknown kind')})"
+                          for k in kinds) or "unknown"
+    modes = ", ".join(f"\\texttt{{{escape_latex(m)}}}" for m in _distinct(table, "eval_mode"))
+    conventions = _distinct(table, "lpips")
+    lpips = "; ".join(f"\\texttt{{{escape_latex(c)}}} convention ({escape_latex(LPIPS_TEXT.get(c, 'unknown'))})"
+                      for c in conventions) or "convention unknown"
+    return (f"Evaluation: base kind {kind_text}, mode {modes or 'unknown'}. LPIPS (AlexNet v0.1, "
+            f"entire image, lower is better): {lpips}.")
 
 
 def table1_latex(table: pd.DataFrame, *, caption: str, label: str = "tab:table1",
@@ -291,20 +404,26 @@ def table1_latex(table: pd.DataFrame, *, caption: str, label: str = "tab:table1"
     """Table 1 as LaTeX: paper rounding, mean ± std with seeds, best per column in bold.
 
     `table` is a `table1_frame`; `caption` is LaTeX (see `caption_text`); `sweep_dir` is quoted
-    in footnotes that point at a failed trial's error.json.
+    in footnotes that point at a failed trial's error.json. After the paper's columns, an LPIPS
+    group (entire image, lower is better): "---" with a footnote saying why where a finished row
+    has no LPIPS (no AlexNet weights offline).
     """
     notes = _Notes()
     labels = _row_labels(table, notes)
     cells, bold = [], []
+    values_of = [*METRICS, LPIPS_METRIC]
     # Best among ours + reference, judged on the printed (rounded) values so ties all show bold.
-    rounded = {m: table[m].round(DECIMALS[m]) for m in METRICS}
+    rounded = {m: table[m].round(DECIMALS[m]) for m in values_of}
     best = {m: rounded[m].max() for m in METRICS}  # PSNR and SSIM: higher is better
+    best[LPIPS_METRIC] = rounded[LPIPS_METRIC].min()  # a distance: lower is better
     for i, row in enumerate(table.itertuples(index=False)):
         values, flags = [], [False] * 3
-        for m in METRICS:
+        for m in values_of:
             mean, std = getattr(row, m), getattr(row, m + "_std")
             if pd.isna(mean):
-                values.append(_missing(row, sweep_dir, notes))
+                done = m == LPIPS_METRIC and not all(pd.isna(getattr(row, v)) for v in METRICS)
+                values.append("---" + notes.mark(_no_lpips(row)) if done
+                              else _missing(row, sweep_dir, notes))
                 flags.append(False)
                 continue
             text = f"{mean:.{DECIMALS[m]}f}"
@@ -315,7 +434,7 @@ def table1_latex(table: pd.DataFrame, *, caption: str, label: str = "tab:table1"
             flags.append(bool(rounded[m].iloc[i] == best[m]))
         cells.append(labels[i] + values)
         bold.append(flags)
-    columns = _columns({"psnr": "PSNR (dB)", "ssim": "SSIM"})
+    columns = _columns({"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS"}, lpips=True)
     keys = list(zip(table["method"], table["k"], table["lambda_"]))
     return _render(pd.DataFrame(cells, columns=columns), pd.DataFrame(bold, columns=columns),
                    caption=caption, label=label, group_starts=_group_starts(keys), notes=notes)
@@ -377,22 +496,30 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def build_reports(sweep_dir: str | Path, *, paper: bool = True) -> list[Path]:
-    """Write every report for `results/<sweep>` and return the files written.
+def build_reports(sweep_dir: str | Path, *, paper: bool = True,
+                  cells: list[dict[str, Any]] | None = None, out_dir: str | Path | None = None
+                  ) -> list[Path]:
+    """Write every report for `results/<sweep>` into `out_dir` (default: the sweep folder) and
+    return the files written. `cells`: which trials and evaluations (default: the recorded plan).
 
     Raises UserError (one line) when there is nothing to report yet.
     """
     from reports import figures  # matplotlib only when writing, not for the table functions
 
-    sweep = load_sweep(sweep_dir)
-    root = sweep.root
+    sweep = load_sweep(sweep_dir, cells)
+    root = Path(out_dir) if out_dir is not None else sweep.root
     table = table1_frame(sweep)
     diffs = diff_frame(sweep)
     where, label = str(root), _label(sweep.name)
-    written = [write_csv(table, root / "table1.csv")]
+    # Which code and inputs produced each row: columns of the CSV, a caption sentence, warnings.
+    prov = provenance.provenance_columns(sweep, table)
+    for line in provenance.warnings(prov):
+        print(f"warning: {sweep.name}: {line}", file=sys.stderr)
+    code = provenance.caption(prov)
+    written = [write_csv(pd.concat([table, prov], axis=1), root / "table1.csv")]
     atomic_write_text(root / "table1.tex", table1_latex(
-        table, caption=caption_text(table, sweep, TABLE1_WHAT), label=f"tab:table1-{label}",
-        sweep_dir=where))
+        table, caption=" ".join(filter(None, [caption_text(table, sweep, TABLE1_WHAT), code])),
+        label=f"tab:table1-{label}", sweep_dir=where))
     written.append(root / "table1.tex")
     written.append(write_csv(diffs, root / "diff.csv"))
     if (table["method"] == "cascade").any():

@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from cascade.errors import UserError
+from orchestrator.record import LAYOUT, SweepRecord
 from reports.collect import METRICS, load_sweep
 
 REGIONS = ("entire", "streak", "glare")
+EVAL = "masked-test"  # every cell's evaluation id in the hand-made tree
 # Per-image offset of each metric from the reference: PSNR in dB, SSIM in SSIM units.
 EFFECTS = {(1, 1.0): 0.10, (1, 0.6): -0.05, (2, 1.0): 0.30, (2, 0.6): -0.20, (None, 0.0): 0.0}
 
@@ -47,13 +49,17 @@ def make_results_tree(root: Path, *, seeds: tuple[int, ...] = (0,), n_images: in
                       failed: tuple[tuple[int, float, int], ...] = ((1, 0.6, 0),),
                       pending: tuple[tuple[int, float, int], ...] = (),
                       real: bool = False, size: int = 32, noise: float = 0.05,
-                      with_images: bool = True) -> Path:
+                      with_images: bool = True, fidelity: bool = False,
+                      lpips_weights: bool = True) -> Path:
     """Write `root/results/demo` as sweep.py would; returns the sweep folder.
 
     Cells: a reference per seed, k in (1, 2) x λ in (1.0, 0.6, 0.0) per seed, the λ=0 cells of
     both k sharing one trial. Cells listed in `failed` get error.json, in `pending` nothing.
     Per-image values: reference ~ 23 dB / 0.87, each cell = reference + EFFECTS[cell] (+ noise).
     `real`: pretrained encoder, Flare7K-style data, test set and checkpoint paths (not a demo).
+    `fidelity`: metrics.json records what train() records since issue 17 (loss conventions,
+    d_pn, base kind, eval mode, LPIPS convention), with LPIPS rows and `lpips_entire` =
+    FIDELITY_LPIPS(cell, seed) when `lpips_weights`, else lpips_entire null and a reason.
     """
     sweep = root / "results" / "demo"
     testset = root / "testset"
@@ -76,24 +82,25 @@ def make_results_tree(root: Path, *, seeds: tuple[int, ...] = (0,), n_images: in
 
     cells, trials = [], {}
     for s in seeds:
-        cells.append({"trial_id": f"ref-s{s}", "kind": "reference", "k": None, "lambda_": None,
+        cells.append({"trial_id": f"ref-s{s}", "eval_id": EVAL, "kind": "reference", "k": None, "lambda_": None,
                       "seed": s, "config": {**config, "kind": "reference", "seed": s}})
         trials[f"ref-s{s}"] = (None, s)
         for k in (1, 2):
             for lam in (1.0, 0.6, 0.0):
                 tid = f"l0-s{s}" if lam == 0.0 else f"k{k}-l{lam}-s{s}"
-                cells.append({"trial_id": tid, "kind": "cascade", "k": k, "lambda_": lam, "seed": s,
+                cells.append({"trial_id": tid, "eval_id": EVAL, "kind": "cascade", "k": k, "lambda_": lam, "seed": s,
                               "config": {**config, "kind": "cascade", "k": k, "lambda_": lam, "seed": s}})
                 trials[tid] = ((None if lam == 0.0 else k), lam), s
     sweep.mkdir(parents=True)
-    (sweep / "sweep.json").write_text(json.dumps({"name": "demo", "space": "demo.yaml", "cells": cells}))
+    (sweep / "sweep.json").write_text(json.dumps({"name": "demo", "space": "demo.yaml", "cells": cells,
+                                                  "layout": LAYOUT}))
 
     for tid, (cell, s) in trials.items():
-        out = sweep / "trials" / tid
+        out = result_dir(sweep, tid)
         out.mkdir(parents=True)
         key = cell if cell is not None else None
         if cell is not None and (cell[0] or 1, cell[1], s) in {(k, lam, ss) for k, lam, ss in failed}:
-            (out / "error.json").write_text(json.dumps(
+            (out.parents[1] / "error.json").write_text(json.dumps(
                 {"error": "non-finite loss at step 3\nmore", "traceback": "...", "step": 3}))
             continue
         if cell is not None and (cell[0] or 1, cell[1], s) in set(pending):
@@ -108,6 +115,12 @@ def make_results_tree(root: Path, *, seeds: tuple[int, ...] = (0,), n_images: in
             rows += [{"image": f"{stem}.png", "region": region, "metric": metric, "value": v}
                      for stem, v in zip(stems, values)]
         pd.DataFrame(rows).to_csv(out / "per_image.csv", index=False)
+        if fidelity:
+            summary.update(_fidelity_facts(key, s, lpips_weights))
+            if lpips_weights:
+                rows += [{"image": f"{stem}.png", "region": "entire", "metric": "lpips",
+                          "value": summary["lpips_entire"]} for stem in stems]
+            pd.DataFrame(rows).to_csv(out / "per_image.csv", index=False)
         (out / "metrics.json").write_text(json.dumps({
             **summary, "n_images": n_images, "protocol": "masked", "trial_id": tid,
             "encoder": "resnet18", "encoder_pretrained": pretrained,
@@ -116,6 +129,39 @@ def make_results_tree(root: Path, *, seeds: tuple[int, ...] = (0,), n_images: in
             for stem in stems[:3]:
                 _write_png(out / "samples" / f"{stem}.png", _image(rng, size))
     return sweep
+
+
+def fidelity_lpips(cell: tuple[int | None, float] | None, seed: int) -> float:
+    """lpips_entire of a trial in a `fidelity` tree: the reference 0.25, cells lower by EFFECTS."""
+    return 0.25 - (0.0 if cell is None else 0.1 * EFFECTS[cell]) + 0.002 * seed
+
+
+def fidelity_d_pn(lambda_: float, seed: int) -> dict:
+    """metrics.json's `d_pn` of a cascade trial in a `fidelity` tree (none when lambda_ = 1)."""
+    if lambda_ == 1.0:
+        return {"count": 0, "mean": None, "std": None, "min": None, "max": None, "p5": None,
+                "p50": None, "p95": None, "hinge_active": None}
+    return {"count": 80, "mean": 0.5, "std": 0.1, "min": 0.2, "max": 0.9, "p5": 0.3,
+            "p50": 0.4 + 0.1 * seed, "p95": 0.8, "hinge_active": 0.25 + 0.5 * seed}
+
+
+def _fidelity_facts(cell: tuple[int | None, float] | None, seed: int, lpips_weights: bool) -> dict:
+    cascade = cell is not None
+    return {
+        "reduction": "mean" if cascade else None, "encoder_features": "cls" if cascade else None,
+        "random_erasing": 0.5 if cascade else None, "margin": 0.1 if cascade else None,
+        "d_pn": fidelity_d_pn(cell[1], seed) if cascade else None,
+        "base_kind": "flare7kpp", "eval_mode": "native", "lpips": "flare7k",
+        "lpips_entire": fidelity_lpips(cell, seed) if lpips_weights else None,
+        "lpips_weights_source": "torchvision:AlexNet_Weights.IMAGENET1K_V1" if lpips_weights else None,
+        "lpips_fingerprint": "0123456789abcdef" if lpips_weights else None,
+        "lpips_reason": None if lpips_weights else "no AlexNet trunk weights offline (alexnet.pth)",
+    }
+
+
+def result_dir(sweep: Path, trial_id: str) -> Path:
+    """Where a trial's evaluation EVAL lives in the tree (orchestrator.record's layout)."""
+    return SweepRecord(sweep).eval_dir(trial_id, EVAL)
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -163,6 +209,46 @@ def test_facts_come_from_metrics_then_config(tmp_path):
     assert sweep.trials["k1-l0.6-s0"]["encoder"] == "resnet18"  # from the plan's config
 
 
+def test_fidelity_facts_and_lpips_are_collected(tmp_path):
+    from reports.collect import LPIPS_METRIC, describe_trials, distance_summary
+
+    sweep = load_sweep(make_results_tree(tmp_path, seeds=(0, 1), with_images=False, fidelity=True))
+    cells = sweep.cells
+    ref = cells[cells["trial_id"] == "ref-s1"].iloc[0]
+    assert ref[LPIPS_METRIC] == pytest.approx(0.252)
+    facts = sweep.trials["k2-l0.6-s1"]
+    assert (facts["reduction"], facts["encoder_features"], facts["random_erasing"], facts["margin"]) == (
+        "mean", "cls", 0.5, 0.1)
+    assert (facts["base_kind"], facts["eval_mode"], facts["lpips"]) == ("flare7kpp", "native", "flare7k")
+    assert facts["d_pn"]["p50"] == pytest.approx(0.5)
+    # The LPIPS rows of per_image.csv are read too (the paired statistics ignore them).
+    per = sweep.per_image
+    assert len(per[(per["metric"] == "lpips") & (per["trial_id"] == "ref-s0")]) == 12
+    row = cells[(cells["k"] == 2) & (cells["lambda_"] == 0.6)]
+    text = describe_trials(sweep, row)
+    assert (text["reduction"], text["random_erasing"], text["margin"], text["lpips"]) == (
+        "mean", "0.5", "0.1", "flare7k")
+    assert text["lpips_fingerprint"] == "0123456789abcdef" and text["lpips_reason"] == ""
+    # Mean over the two seeds of each trial's median / active fraction.
+    assert distance_summary(sweep, row) == pytest.approx({"d_pn_p50": 0.45, "d_pn_hinge_active": 0.5})
+    ref_text = describe_trials(sweep, cells[cells["kind"] == "reference"])
+    assert ref_text["reduction"] == "" and ref_text["base_kind"] == "flare7kpp"
+    assert np.isnan(distance_summary(sweep, cells[cells["kind"] == "reference"])["d_pn_p50"])
+    one = cells[(cells["k"] == 1) & (cells["lambda_"] == 1.0)]  # no triplet: nothing measured
+    assert np.isnan(distance_summary(sweep, one)["d_pn_p50"])
+
+
+def test_results_from_before_the_fidelity_fields_read_as_unknown(tmp_path):
+    from reports.collect import describe_trials, distance_summary
+
+    sweep = load_sweep(make_results_tree(tmp_path, with_images=False))
+    cells = sweep.cells
+    assert cells["lpips_entire"].isna().all()
+    text = describe_trials(sweep, cells[cells["kind"] == "cascade"])
+    assert all(text[key] == "" for key in ("reduction", "encoder_features", "base_kind", "lpips"))
+    assert np.isnan(distance_summary(sweep, cells)["d_pn_hinge_active"])
+
+
 def test_no_sweep_is_a_one_line_user_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as err:
@@ -172,7 +258,7 @@ def test_no_sweep_is_a_one_line_user_error(tmp_path, monkeypatch):
 
 def test_sweep_without_finished_trials_is_a_user_error(tmp_path):
     sweep = make_results_tree(tmp_path, with_images=False)
-    for metrics in sweep.glob("trials/*/metrics.json"):
+    for metrics in sweep.glob("trials/*/evals/*/metrics.json"):
         metrics.unlink()
     with pytest.raises(UserError, match=r"no finished trials yet \(1 failed, 5 pending\)"):
         load_sweep(sweep)
@@ -180,7 +266,7 @@ def test_sweep_without_finished_trials_is_a_user_error(tmp_path):
 
 def test_stopped_and_sampled_cells(tmp_path):
     sweep = make_results_tree(tmp_path, with_images=False)
-    (sweep / "trials" / "k2-l0.6-s0" / "metrics.json").unlink()
+    (result_dir(sweep, "k2-l0.6-s0") / "metrics.json").unlink()
     (sweep / "trials" / "k2-l0.6-s0" / "stopped.json").write_text('{"reason": "asha", "step": 5}')
     plan = json.loads((sweep / "sweep.json").read_text())
     plan["cells"].append({**plan["cells"][1], "trial_id": "opt-1", "lambda_": 0.37,
@@ -194,7 +280,7 @@ def test_stopped_and_sampled_cells(tmp_path):
 
 def test_bad_plan_and_bad_per_image_name_the_file(tmp_path):
     sweep = make_results_tree(tmp_path, with_images=False)
-    (sweep / "trials" / "ref-s0" / "per_image.csv").write_text("image,value\na.png,1\n")
+    (result_dir(sweep, "ref-s0") / "per_image.csv").write_text("image,value\na.png,1\n")
     with pytest.raises(UserError, match=r"per_image.csv: missing column\(s\) region, metric"):
         load_sweep(sweep)
     (sweep / "sweep.json").write_text("{not json")

@@ -48,6 +48,12 @@ def test_unknown_key_is_named_with_suggestion():
         ("lr", 0, r"lr=0.0 is invalid; expected a finite number > 0"),
         ("encoder", None, r"encoder must not be null"),
         ("encoder", "vgg", r"config: unknown encoder 'vgg'; expected one of vit_l16_swag"),
+        ("output_ch", 5, r"expected 3 \(deflared image\) or 6 \(deflared image \+ flare\)"),
+        ("reduction", "max", r"reduction='max' is invalid; expected one of mean, sum"),
+        ("encoder_features", "patch", r"encoder_features='patch' is invalid; expected one of cls, tokens"),
+        ("eval_mode", "large", r"eval_mode='large' is invalid; expected one of native, flare7k-large"),
+        ("lpips", "alex", r"lpips='alex' is invalid; expected one of flare7k, standard"),
+        ("base_kind", "v1", r"base_kind='v1' is invalid; expected one of flare7k, flare7kpp"),
     ],
 )
 def test_bad_values_are_named(key, value, message):
@@ -72,6 +78,46 @@ def test_digest_is_stable_and_sensitive():
     assert a.digest() != a.replace(lambda_=0.4).digest()
     assert a.digest(("embed_dim",)) == a.replace(lambda_=0.4).digest(("embed_dim",))
     assert len(a.digest()) == 12
+
+
+def test_fidelity_defaults_keep_the_old_behaviour():
+    cfg = TrialConfig()
+    assert (cfg.reduction, cfg.encoder_features, cfg.random_erasing) == ("mean", "cls", 0.0)
+    assert (cfg.base_kind, cfg.eval_mode, cfg.lpips, cfg.lpips_weights) == (None, "native", "flare7k", None)
+    assert cfg.evaluated_base_kind == config.PROCEDURAL_BASE_KIND == "flare7kpp"
+
+
+def test_a_checkpoint_needs_its_base_kind_and_the_procedural_base_is_flare7kpp():
+    with pytest.raises(UserError) as info:
+        TrialConfig.from_dict({"checkpoint": "/ckpt/net_g_last.pth"}, where="space.yaml")
+    message = str(info.value)
+    assert message.startswith("space.yaml: checkpoint='/ckpt/net_g_last.pth' needs base_kind: ")
+    assert "flare7k (the Flare7K v1 release) or flare7kpp" in message and "\n" not in message
+    for kind in config.BASE_KINDS:
+        cfg = TrialConfig.from_dict({"checkpoint": "/c.pth", "base_kind": kind})
+        assert cfg.evaluated_base_kind == kind
+    # Without a checkpoint: null or flare7kpp (what the procedural base is); flare7k makes no sense.
+    assert TrialConfig.from_dict({"base_kind": "flare7kpp"}).evaluated_base_kind == "flare7kpp"
+    with pytest.raises(UserError, match=r"base_kind='flare7k' needs a checkpoint; the procedural base"):
+        TrialConfig.from_dict({"base_kind": "flare7k"})
+
+
+def test_base_kind_against_the_checkpoint_channels():
+    config.check_base_kind("/c.pth", "flare7kpp", 6)
+    config.check_base_kind("/c.pth", "flare7k", 6)  # the v1 release
+    config.check_base_kind("/c.pth", "flare7k", 3)  # a 3-channel v1 variant
+    with pytest.raises(UserError, match=r"^/c.pth: base_kind=flare7kpp, but this Uformer has 3 output"):
+        config.check_base_kind("/c.pth", "flare7kpp", 3)
+
+
+def test_torch_free_choices_mirror_the_modules_that_own_them():
+    from cascade import lpips_score, model
+
+    assert config.BASE_KINDS == model.BASE_KINDS
+    assert config.EVAL_MODES == model.MODES
+    assert config.LPIPS_CONVENTIONS == tuple(lpips_score.LPIPS_CONVENTIONS)
+    assert TrialConfig().lpips == lpips_score.DEFAULT_CONVENTION
+    # (REDUCTIONS and ENCODER_FEATURES: tests/test_losses.py and tests/test_encoders.py)
 
 
 def test_local_weights_need_pretrained():
@@ -103,17 +149,48 @@ def test_field_classes_partition_and_name_real_fields():
     assert not set(config.ID_FIELDS) & set(config.RUNTIME_FIELDS)
     assert list(config.ID_FIELDS) == sorted(config.ID_FIELDS)
     assert set(config.RUNTIME_FIELDS) <= set(config.RESUME_MAY_CHANGE)
-    for group in (config.RESUME_MAY_CHANGE, config.PATH_FIELDS, config.BASE_FIELDS, config.TEST_FIELDS):
+    for group in (config.RESUME_MAY_CHANGE, config.PATH_FIELDS, config.BASE_FIELDS, config.TEST_FIELDS,
+                  config.EVAL_FIELDS):
         assert set(group) <= names, group
+    # Evaluation-only fields: part of the id, none of them changes the weights (a base or the loss).
+    assert set(config.EVAL_FIELDS) <= set(config.ID_FIELDS)
+    assert "n_test" in config.EVAL_FIELDS
+    assert not set(config.EVAL_FIELDS) & set(config.BASE_FIELDS)
+    assert not set(config.EVAL_FIELDS) & {"kind", "seed", "k", "lambda_", "delta", "margin",
+                                          "reduction", "encoder", "encoder_features", "checkpoint",
+                                          "data", "random_erasing", "steps", "lr", "precision"}
+    assert {"eval_mode", "lpips", "lpips_weights", "base_kind", "protocol"} <= set(config.EVAL_FIELDS)
+    assert "lpips_weights" in config.PATH_FIELDS
     # The classes as they were before they moved here (cascade.space, cascade.train, cascade.base):
     assert config.RUNTIME_FIELDS == ("num_workers", "eval_workers", "checkpoint_every", "log_every",
-                                     "base_cache", "eval_every")
+                                     "base_cache", "eval_every", "stream_cache", "stream_cache_dir")
+    # ... plus, since evaluations are identities of their own (issue 18), the evaluation fields
+    # and the paths: a new protocol resumes the final checkpoint to evaluate it, a moved mount
+    # resumes (the files are identified by their contents, orchestrator.identity).
     assert set(config.RESUME_MAY_CHANGE) == {
         "num_workers", "eval_workers", "checkpoint_every", "log_every", "base_cache", "fail_at_step",
-        "n_samples", "workers", "backend", "device", "compile", "eval_every"}
+        "n_samples", "workers", "backend", "device", "compile", "eval_every", "stream_cache",
+        "stream_cache_dir", *config.EVAL_FIELDS, *config.PATH_FIELDS}
     assert config.BASE_FIELDS == ("embed_dim", "depth", "win_size", "output_ch", "base_steps",
                                   "base_lr", "crop", "batch_size")
     assert config.TEST_FIELDS == ("n_test", "test_size")
+
+
+# A valid other value for every evaluation-only field.
+EVAL_CHANGES = {"protocol": "flare7k", "ssim_window": "gaussian", "test_data": "/t", "n_test": 7,
+                "eval_mode": "flare7k-large", "lpips": "standard", "lpips_weights": "/w.pth",
+                "base_kind": "flare7kpp", "n_samples": 1}
+
+
+def test_evaluation_fields_leave_the_procedural_base_alone():
+    # What "evaluation-only" promises: the weights a trial starts from (and trains) do not depend
+    # on it. The procedural base's cache key covers everything its weights depend on.
+    from cascade.pretrain import base_key
+
+    assert set(EVAL_CHANGES) == set(config.EVAL_FIELDS)
+    cfg = TrialConfig.from_dict({"embed_dim": 8, "crop": 32})
+    for key, value in EVAL_CHANGES.items():
+        assert base_key(cfg.replace(**{key: value})) == base_key(cfg), key
 
 
 def test_digest_is_io_digest_of_the_fields():

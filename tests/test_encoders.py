@@ -262,8 +262,6 @@ def test_features_are_mirrored_in_config() -> None:
     import cascade.config as config
 
     assert ENCODER_FEATURES == ("cls", "tokens")
-    if not hasattr(config, "ENCODER_FEATURES"):
-        pytest.skip("cascade.config has no ENCODER_FEATURES yet (the integration of issue 17)")
     assert config.ENCODER_FEATURES == ENCODER_FEATURES
 
 

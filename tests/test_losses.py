@@ -340,8 +340,6 @@ def test_token_embeddings_reduce_over_every_element(reduction: str) -> None:
 
 def test_reductions_are_mirrored_in_config() -> None:
     # cascade.config validates `reduction` without importing torch, from its own tuple.
-    if not hasattr(config, "REDUCTIONS"):
-        pytest.skip("cascade.config has no REDUCTIONS yet (the integration of issue 17)")
     assert config.REDUCTIONS == REDUCTIONS
 
 

@@ -53,15 +53,18 @@ def test_plan_records_samples_and_rederives_them_from_the_space(tmp_path):
     other = tmp_path / "o.yaml"
     other.write_text(SEARCH.replace("{lambda_: {uniform: [0.0, 1.0]}}", "{margin: {uniform: [0.1, 1.0]}}"))
     assert load_plan(load_space(other), SweepRecord(record.root)).sampled == ()
-    tid = cell_for(cell).trial_id
-    assert cut_short(record, [tid])  # never ran: not finished
-    record.write_metrics(tid, {"psnr_entire": 20.0})
-    assert not cut_short(record, [tid])
+    sample = cell_for(cell)
+    assert cut_short(record, [sample])  # never ran: not finished
+    record.write_metrics(sample.trial_id, sample.eval_id, {"psnr_entire": 20.0})
+    assert not cut_short(record, [sample])
     assert again.finished_samples(record, "psnr_entire") == ([{"lambda_": 0.25}], [20.0])
 
 
 def test_what_runs_again():
-    assert [s for s in ("done", "stopped", "failed", "running", "interrupted", "pending")
-            if should_run(s, retry_failed=False)] == ["running", "interrupted", "pending"]
-    assert should_run("failed", retry_failed=True)
+    states = ("done", "stopped", "failed", "running", "interrupted", "trained", "pending")
+    assert [s for s in states if should_run(TrialStatus("t", s), retry_failed=False)] == [
+        "running", "interrupted", "trained", "pending"]
+    crash, bad = TrialStatus("t", "failed"), TrialStatus("t", "failed", deterministic=True)
+    assert should_run(crash, None) and not should_run(bad, None)  # the default: crashes only
+    assert should_run(bad, True) and not should_run(crash, False)
     assert not_done([TrialStatus("a", "done"), TrialStatus("b", "stopped"), TrialStatus("c", "failed")]) == 1

@@ -72,9 +72,9 @@ def test_procedural_base_trains_loads_and_is_reused(tmp_path):
 def test_a_given_checkpoint_is_used_as_is_or_refused_clearly(tmp_path):
     weights = tmp_path / "net.pth"
     weights.write_bytes(b"x")
-    assert pretrain.ensure_base(cfg_for(tmp_path, checkpoint=str(weights))) == weights.resolve()
+    assert pretrain.ensure_base(cfg_for(tmp_path, checkpoint=str(weights), base_kind="flare7kpp")) == weights.resolve()
     with pytest.raises(UserError, match="no such file"):
-        pretrain.ensure_base(cfg_for(tmp_path, checkpoint=str(tmp_path / "missing.pth")))
+        pretrain.ensure_base(cfg_for(tmp_path, checkpoint=str(tmp_path / "missing.pth"), base_kind="flare7kpp"))
 
 
 def test_a_new_data_generator_version_invalidates_the_base(tmp_path, monkeypatch):

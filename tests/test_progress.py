@@ -61,15 +61,15 @@ def test_board_follows_events_without_rescanning_the_folder(tmp_path: Path, caps
     assert "0/2 done, 1 running" in capsys.readouterr().out
     board.result(a, 5)
     assert board.states[a].eta_s is not None and board.states[a].step == 5
-    record.write_metrics(a, {"psnr_entire": 21.0, "wall_s": 3.0})
+    record.write_metrics(a, space.cells[0].eval_id, {"psnr_entire": 21.0, "wall_s": 3.0})
     board.completed(a, {})
     out = capsys.readouterr().out
     assert f"done    {a}: PSNR entire 21.00" in out and "1/2 done, 0 running" in out
     board.started(space.cells[1], None)
     board.completed(b, {"step": 4, "psnr_entire": 19.0})  # no metrics.json: the scheduler stopped it
-    assert record.status(b).state == "stopped"
+    assert record.status(b, space.cells[1].eval_id).state == "stopped"
     assert f"stopped {b} at step 4, PSNR entire 19.00" in capsys.readouterr().out
     board.errored(b, "Traceback ...\nRayActorError: the actor died")  # died before writing error.json
-    failed = record.status(b)
+    failed = record.status(b, space.cells[1].eval_id)
     assert (failed.state, failed.error) == ("failed", "trial process died: RayActorError: the actor died")
     assert f"FAILED  {b}: trial process died" in capsys.readouterr().out

@@ -15,27 +15,50 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower()
 
 
-def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_lock_pins_every_dependency_within_pyproject_bounds_and_environment_yml_uses_it():
+    from packaging.requirements import Requirement
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    pins = _lock()
+    for text in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        req = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"{name} is not pinned in requirements.lock (make lock)"
+        assert req.specifier.contains(pins[name].split("+")[0], prereleases=True), (text, pins[name])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     assert env["name"] == "flaresweep"
     assert "python=3.11" in env["dependencies"]
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    listed = {_name(r) for r in pip_section if not r.startswith("-")}
-    assert listed == wanted
-    assert "-e ." in pip_section
+    assert pip_section == ["-r requirements.lock", "-e . --no-deps"]
+
+
+def test_the_installed_versions_are_the_locked_ones():
+    from orchestrator.provenance import lock_mismatches, package_versions
+
+    assert lock_mismatches(package_versions()) == {"file": "requirements.lock", "matches": True,
+                                                  "differs": {}}
 
 
 def test_layout():
-    for path in ("sweep.py", "search_spaces", "cascade", "reports", "results/README.md", "tests",
+    for path in ("sweep.py", "search_spaces", "cascade", "orchestrator", "reports", "results/README.md",
+                 "tests", "requirements.lock",
                  "bench", "Makefile", "environment.yml", "pyproject.toml", "README.md", ".ci/run"):
         assert (ROOT / path).exists(), path
 
 
 def test_make_help_lists_the_readme_commands():
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for target in ("sweep", "table1", "status", "test", "test-fast", "bench", "horovod"):
+    for target in ("sweep", "table1", "status", "test", "test-fast", "bench", "horovod", "lock",
+                   "gpu-check"):
         assert re.search(rf"^  make {target}\s+\S", out, re.M), target
 
 
@@ -43,7 +66,7 @@ def test_only_sweep_imports_ray():
     """STYLE rule 1: cascade/ and reports/ run without Ray; sweep.py is the only Ray layer."""
     modules = sorted(
         ".".join(p.relative_to(ROOT).with_suffix("").parts)
-        for pkg in ("cascade", "reports")
+        for pkg in ("cascade", "orchestrator", "reports")
         for p in (ROOT / pkg).rglob("*.py")
         if p.name != "__main__.py" and not p.name.startswith("tune_")
     )

@@ -21,40 +21,47 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_trial_status_from_the_folder(tmp_path):
     now = time.time()
     t = tmp_path / "trials" / "k2-l0.6-s0-abc"
-    assert trial_status(t, None, now).state == "pending"
+    assert trial_status(t, "masked-1", None, now).state == "pending"
     atomic_write_json(t / "progress.json", {"run_id": "r1", "step": 25, "steps": 100,
                                             "started": now - 50})
-    running = trial_status(t, "r1", now)
+    running = trial_status(t, "masked-1", "r1", now)
     assert (running.state, running.step, running.steps) == ("running", 25, 100)
     assert running.elapsed_s == pytest.approx(50) and running.eta_s == pytest.approx(150)
-    assert trial_status(t, "r2", now).state == "interrupted"  # a heartbeat of an older run
+    assert trial_status(t, "masked-1", "r2", now).state == "interrupted"  # a heartbeat of an older run
     atomic_write_json(t / "error.json", {"error": "RuntimeError: boom\nmore", "traceback": "", "step": 25})
-    failed = trial_status(t, "r1", now)  # failed in the live run
+    failed = trial_status(t, "masked-1", "r1", now)  # failed in the live run
     assert (failed.state, failed.error, failed.step) == ("failed", "RuntimeError: boom", 25)
-    atomic_write_json(t / "metrics.json", {"psnr_entire": 23.5, "wall_s": 70.0, "steps": 100})
-    done = trial_status(t, "r1", now)
+    atomic_write_json(t / "evals" / "masked-1" / "metrics.json", {"psnr_entire": 23.5, "wall_s": 70.0,
+                                                                 "steps": 100})
+    done = trial_status(t, "masked-1", "r1", now)
     assert (done.state, done.elapsed_s, done.metrics["psnr_entire"]) == ("done", 70.0, 23.5)
+    (t / "error.json").unlink()
+    assert trial_status(t, "flare7k-2", None, now).state == "trained"  # another evaluation exists
 
 
 def test_attempt_files_error_stopped_and_metrics(tmp_path):
     record = SweepRecord(tmp_path)
-    tid = "k1-l0.5-s0-abc"
+    tid, eid = "k1-l0.5-s0-abc", "masked-1"
     record.start_attempt(tid)
     record.write_error(tid, "ValueError: first\nsecond", "Traceback ...", 3)
     assert json.loads((record.trial_dir(tid) / "error.json").read_text())["error"] == "ValueError: first"
-    assert record.status(tid).state == "failed"
+    failed = record.status(tid, eid)
+    assert failed.state == "failed" and not failed.deterministic
+    record.write_error(tid, "UserError: bad", "", 3, deterministic=True)
+    assert record.status(tid, eid).deterministic
     record.start_attempt(tid)  # a retry: the failure moves aside, the trial is pending again
     assert (record.trial_dir(tid) / "error.previous.json").is_file()
-    assert record.status(tid).state == "pending"
+    assert record.status(tid, eid).state == "pending"
     record.write_stopped(tid, 4, {"psnr_entire": 21.0, "loss": 0.3, "step": 4})
-    stopped = record.status(tid)
-    assert (stopped.state, stopped.metrics) == ("stopped", {"psnr_entire": 21.0})
-    record.write_metrics(tid, {"psnr_entire": 22.0})
-    assert record.read_metrics(tid) == {"psnr_entire": 22.0, "trial_id": tid}
-    assert record.status(tid).state == "done"  # metrics.json wins over a stale stop mark
-    (record.trial_dir(tid) / "metrics.json").write_text("[1, 2]")
+    stopped = record.status(tid, eid)
+    assert (stopped.state, stopped.step, stopped.metrics) == ("stopped", 4, {"psnr_entire": 21.0})
+    record.write_metrics(tid, eid, {"psnr_entire": 22.0})
+    assert record.read_metrics(tid, eid) == {"psnr_entire": 22.0, "trial_id": tid, "eval_id": eid}
+    assert record.status(tid, eid).state == "done"  # metrics.json wins over a stale stop mark
+    assert record.evaluations(tid) == [eid]
+    (record.eval_dir(tid, eid) / "metrics.json").write_text("[1, 2]")
     with pytest.raises(UserError, match=r"metrics.json: expected a JSON object"):
-        record.read_metrics(tid)
+        record.read_metrics(tid, eid)
 
 
 def test_plan_is_read_once_and_validated(tmp_path):
@@ -67,6 +74,10 @@ def test_plan_is_read_once_and_validated(tmp_path):
         SweepRecord(tmp_path).read_plan()
     (tmp_path / "sweep.json").write_text('{"cells": []}')
     with pytest.raises(UserError, match="expected a non-empty list under 'cells'"):
+        SweepRecord(tmp_path).read_plan()
+    # A folder of the layout before identities by content: refused in one line, never rerun.
+    (tmp_path / "sweep.json").write_text('{"name": "x", "cells": [{"trial_id": "a"}]}')
+    with pytest.raises(UserError, match=r"written by an older flaresweep \(results layout 1.*move it aside"):
         SweepRecord(tmp_path).read_plan()
 
 

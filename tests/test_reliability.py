@@ -79,7 +79,7 @@ def _table(space: Path, results: Path):
 
     done = _cli("sweep.py", "table1", "--space", str(space), "--results", str(results))
     assert done.returncode == 0, done.stderr
-    df = pd.read_csv(results / "tiny" / "table1.csv")
+    df = pd.read_csv(results / "tiny" / "masked" / "table1.csv")
     keys = [c for c in ("method", "k", "lambda_") if c in df.columns]
     return df.sort_values(keys).reset_index(drop=True)[keys + [c for c in METRICS if c in df.columns]]
 
@@ -143,30 +143,31 @@ def test_sigkill_of_the_driver_loses_nothing_and_the_table_is_unchanged(work, un
     def checkpoint_but_nothing_done() -> bool:
         trials = _trials(results)  # the reference trial trains nothing and may finish first
         return (any(trials.glob("k*/checkpoints/last.pt"))
-                and not any(trials.glob("k*/metrics.json")))
+                and not any(trials.glob("k*/evals/*/metrics.json")))
 
     # Kill point 1: a training trial has a checkpoint, none has finished.
     assert _run_until(cmd, checkpoint_but_nothing_done), "the sweep finished before the first kill"
     interrupted = {p.parent.parent.name for p in _trials(results).glob("k*/checkpoints/last.pt")}
-    assert interrupted and not list(_trials(results).glob("k*/metrics.json"))
+    assert interrupted and not list(_trials(results).glob("k*/evals/*/metrics.json"))
 
     # Kill point 2: one training trial finished, the last one is still running (the Ray processes
     # of the killed run are orphans by now).
     def one_done() -> bool:
-        return len(list(_trials(results).glob("k*/metrics.json"))) == 1
+        return len(list(_trials(results).glob("k*/evals/*/metrics.json"))) == 1
 
     assert _run_until(cmd, one_done), "the sweep finished before the second kill"
-    finished = {p.parent.name: (_digest(p), p.stat().st_mtime_ns, _digest(p.parent / "train.log"))
-                for p in _trials(results).glob("*/metrics.json")}
+    finished = {p.parents[2].name: (_digest(p), p.stat().st_mtime_ns,
+                                    _digest(p.parents[2] / "train.log"), p.parent.name)
+                for p in _trials(results).glob("*/evals/*/metrics.json")}
     assert finished
 
     # Run to the end; then nothing that finished before was touched or trained again.
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for tid, (digest, mtime, log) in finished.items():
-        tdir = _trials(results) / tid
-        assert (_digest(tdir / "metrics.json"), (tdir / "metrics.json").stat().st_mtime_ns,
-                _digest(tdir / "train.log")) == (digest, mtime, log), f"{tid} was re-run"
+    for tid, (digest, mtime, log, eval_id) in finished.items():
+        tdir, metrics = _trials(results) / tid, _trials(results) / tid / "evals" / eval_id / "metrics.json"
+        assert (_digest(metrics), metrics.stat().st_mtime_ns,
+                _digest(tdir / "train.log"), eval_id) == (digest, mtime, log, eval_id), f"{tid} was re-run"
     # The trial interrupted at kill point 1 continued from its checkpoint, not from step 0.
     for tid in interrupted:
         log = (_trials(results) / tid / "train.log").read_text()
@@ -175,6 +176,40 @@ def test_sigkill_of_the_driver_loses_nothing_and_the_table_is_unchanged(work, un
     import pandas as pd
 
     pd.testing.assert_frame_equal(_table(space, results), uninterrupted, check_exact=True)
+
+
+# -- 1b. A new protocol on a finished sweep: evaluated again, nothing trained ------------------------
+
+
+def test_a_new_protocol_reevaluates_finished_trials_without_a_training_step(work, uninterrupted):
+    import shutil
+
+    import pandas as pd
+
+    space, results = work / "tiny.yaml", work / "reevaluated"
+    shutil.copytree(work / "straight", results)  # a finished sweep
+    masked = (results / "tiny" / "masked" / "table1.csv").read_text()
+    checkpoints = {p: (p.stat().st_mtime_ns, _digest(p)) for p in _trials(results).glob("*/checkpoints/last.pt")}
+    logs = {p: p.read_text() for p in _trials(results).glob("*/train.log")}
+    assert checkpoints and logs
+    done = subprocess.run([*_sweep_cmd(space, results), "--protocol", "flare7k"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for path, (mtime, digest) in checkpoints.items():
+        assert (path.stat().st_mtime_ns, _digest(path)) == (mtime, digest), f"{path} was rewritten"
+    for path, before in logs.items():
+        added = path.read_text()[len(before):]
+        if path.parent.name.startswith("k"):  # a cascade trial: resumed at its last step, no step run
+            assert "resuming from" in added and "at step 8/8" in added, added[-2000:]
+            assert "step 1/8" not in added and "step 2/8" not in added, added[-2000:]
+    for trial in _trials(results).iterdir():
+        assert len(list(trial.glob("evals/*/metrics.json"))) == 2  # masked and flare7k, side by side
+    table = _cli("sweep.py", "table1", "--space", str(space), "--results", str(results),
+                 "--protocol", "flare7k")
+    assert table.returncode == 0, table.stderr
+    flare7k = pd.read_csv(results / "tiny" / "flare7k" / "table1.csv")
+    assert (flare7k["protocol"] == "flare7k").all()
+    assert (results / "tiny" / "masked" / "table1.csv").read_text() == masked
 
 
 # -- 2. SIGKILL a trial's worker process --------------------------------------------------------
@@ -197,7 +232,7 @@ def test_sigkill_of_a_trial_worker_is_retried_from_its_checkpoint(work, uninterr
                     progress = read_json(tdir / "progress.json")
                 except (OSError, ValueError):
                     continue
-                if not (tdir / "metrics.json").exists() and progress.get("pid"):
+                if not any(tdir.glob("evals/*/metrics.json")) and progress.get("pid"):
                     try:
                         os.kill(progress["pid"], signal.SIGKILL)
                     except ProcessLookupError:  # it finished in between
@@ -292,6 +327,7 @@ def inputs(tmp_path_factory) -> Path:
     torch.save({"params": {"foo.weight": torch.zeros(2, 2)}}, root / "not_uformer.pth")
     small = dict(embed_dim=8, depths=(1,) * 9, img_size=64)
     save_checkpoint(Uformer(output_ch=4, **small), root / "output_ch4.pth")
+    save_checkpoint(Uformer(output_ch=3, **small), root / "output_ch3.pth")
     (root / "a_file").write_text("not a folder")
     return root
 
@@ -304,15 +340,26 @@ def _space_variant(tmp: Path, old: str, new: str) -> Path:
     return path
 
 
-# (id, what to replace in the space, extra command-line args, a word the error must name)
+# (id, what to replace in the space, extra command-line args, the word(s) the error must name)
+KIND_PP = ("  crop: 32", "  crop: 32\n  base_kind: flare7kpp")
 BAD_RUNS = [
     ("missing-test-data", None, ["--test-data", "{inputs}/nowhere"], "nowhere"),
     ("empty-test-data", None, ["--test-data", "{inputs}/empty"], "empty"),
     ("unmatched-stems", None, ["--test-data", "{inputs}/unmatched"], "unmatched"),
     ("corrupt-image", None, ["--test-data", "{inputs}/corrupt"], "corrupt"),
     ("missing-data", None, ["--data", "{inputs}/nowhere"], "nowhere"),
-    ("not-a-uformer", None, ["--checkpoint", "{inputs}/not_uformer.pth"], "not_uformer.pth"),
-    ("wrong-output-ch", None, ["--checkpoint", "{inputs}/output_ch4.pth"], "output_ch4.pth"),
+    ("not-a-uformer", KIND_PP, ["--checkpoint", "{inputs}/not_uformer.pth"], "not_uformer.pth"),
+    ("wrong-output-ch", KIND_PP, ["--checkpoint", "{inputs}/output_ch4.pth"], "output_ch4.pth"),
+    # A checkpoint cannot say which release it is (both have 6 channels): base_kind is required,
+    # and flare7kpp needs the flare channels.
+    ("base-kind-missing", None, ["--checkpoint", "{inputs}/output_ch3.pth"],
+     ("base_kind", "output_ch3.pth")),
+    ("flare7kpp-without-flare-channels", KIND_PP, ["--checkpoint", "{inputs}/output_ch3.pth"],
+     ("base_kind=flare7kpp", "output_ch3.pth")),
+    ("flare7k-without-checkpoint", ("  crop: 32", "  crop: 32\n  base_kind: flare7k"), [], "base_kind"),
+    ("missing-lpips-weights", ("  crop: 32", "  crop: 32\n  lpips_weights: /nowhere/alexnet.pth"), [],
+     ("lpips_weights", "/nowhere/alexnet.pth")),
+    ("unknown-eval-mode", ("  crop: 32", "  crop: 32\n  eval_mode: large"), [], "eval_mode"),
     ("unknown-key", ("  crop: 32", "  crops: 32"), [], "crops"),
     ("lambda-out-of-range", ("lambda_: [0.5]", "lambda_: [1.5]"), [], "lambda_"),
     ("k-not-1-or-2", ("k: [1, 2]", "k: [1, 3]"), [], "k"),
@@ -366,17 +413,33 @@ def test_evaluate_cli_refuses_a_broken_folder_in_one_line(which, inputs, tmp_pat
 
 def test_train_cli_refuses_a_foreign_checkpoint_in_one_line(inputs, tmp_path):
     cfg = tmp_path / "trial.yaml"
-    cfg.write_text(f"kind: reference\ncheckpoint: {inputs / 'not_uformer.pth'}\n"
+    cfg.write_text(f"kind: reference\ncheckpoint: {inputs / 'not_uformer.pth'}\nbase_kind: flare7kpp\n"
                    f"test_data: {inputs / 'good'}\ndevice: cpu\n")
     out = tmp_path / "out"
     done = _cli("-m", "cascade.train", "--config", str(cfg), "--output-dir", str(out), timeout=120)
     _assert_one_line_error(done, "not_uformer.pth")
 
 
-def _assert_one_line_error(done: subprocess.CompletedProcess, culprit: str) -> None:
+@pytest.mark.parametrize(("base_kind", "culprits"), [
+    (None, ("base_kind", "output_ch3.pth")),
+    ("flare7kpp", ("base_kind=flare7kpp", "output_ch3.pth")),
+])
+def test_train_cli_refuses_a_base_kind_the_checkpoint_contradicts(inputs, tmp_path, base_kind, culprits):
+    cfg = tmp_path / "trial.yaml"
+    cfg.write_text(f"kind: reference\ncheckpoint: {inputs / 'output_ch3.pth'}\n"
+                   + (f"base_kind: {base_kind}\n" if base_kind else "")
+                   + f"test_data: {inputs / 'good'}\ndevice: cpu\n")
+    out = tmp_path / "out"
+    done = _cli("-m", "cascade.train", "--config", str(cfg), "--output-dir", str(out), timeout=120)
+    _assert_one_line_error(done, culprits)
+    assert not out.exists(), "the trial wrote before refusing"
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess, culprit: str | tuple[str, ...]) -> None:
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-2000:]
     assert "Traceback" not in output, output[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr[-2000:]
-    assert culprit in lines[0], lines[0]
+    for word in (culprit,) if isinstance(culprit, str) else culprit:
+        assert word in lines[0], lines[0]

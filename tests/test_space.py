@@ -93,13 +93,14 @@ def test_cli_overrides_seeds_gpus_concurrency_and_paths_become_absolute(tmp_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rel").mkdir()
     (tmp_path / "rel" / "net.pth").touch()
-    space = _load(tmp_path, GRID.replace("steps: 10", "steps: 10\n  device: auto"), seeds=3,
-                  gpus_per_trial=0.25, max_concurrent=5, checkpoint="rel/net.pth")
+    grid = GRID.replace("steps: 10", "steps: 10\n  device: auto\n  base_kind: flare7kpp")
+    space = _load(tmp_path, grid, seeds=3, gpus_per_trial=0.25, max_concurrent=5,
+                  checkpoint="rel/net.pth")
     assert space.seeds == (0, 1, 2) and len(space.cells) == 21
     assert space.resources.gpu == 0.25 and space.max_concurrent == 5
     assert space.cells[0].config.checkpoint == str(tmp_path / "rel" / "net.pth")
-    assert "checkpoint=" in _error(tmp_path, GRID, checkpoint=str(tmp_path / "missing.pth"))
-    assert "no such file or folder" in _error(tmp_path, GRID, checkpoint=str(tmp_path / "missing.pth"))
+    assert "checkpoint=" in _error(tmp_path, grid, checkpoint=str(tmp_path / "missing.pth"))
+    assert "no such file or folder" in _error(tmp_path, grid, checkpoint=str(tmp_path / "missing.pth"))
     assert "pass --backgrounds DIR" in _error(tmp_path, GRID, data=str(tmp_path / "rel"))
 
 
@@ -121,8 +122,10 @@ def test_shipped_spaces_load(tmp_path):
     assert demo.cells[0].kind == "reference"
     optuna = load_space(ROOT / "search_spaces" / "lambda_optuna.yaml")
     assert optuna.search is not None and optuna.search.algorithm == "optuna"
-    (tmp_path / "Flare7Kpp").mkdir()
-    (tmp_path / "Flickr24K").mkdir()
+    for image in ("Flare7Kpp/Flare7K/Scattering_Flare/Compound_Flare/f.png", "Flickr24K/b.jpg",
+                  "Flare7Kpp/test_data/real/input/000.png"):
+        (tmp_path / image).parent.mkdir(parents=True)
+        (tmp_path / image).write_bytes(b"not decoded: fingerprints read names and sizes")
     (tmp_path / "net.pth").touch()
     table1 = load_space(ROOT / "search_spaces" / "table1.yaml", data=str(tmp_path / "Flare7Kpp"),
                         checkpoint=str(tmp_path / "net.pth"))
@@ -182,7 +185,8 @@ def test_search_schema_errors(tmp_path, old, new, expected):
 
 
 def test_requires_names_the_flags_and_scientific_notation_reads_as_float(tmp_path):
-    text = GRID.replace("reference: true", "reference: true\nrequires: [data, checkpoint]")
+    text = GRID.replace("reference: true", "reference: true\nrequires: [data, checkpoint]").replace(
+        "steps: 10", "steps: 10\n  base_kind: flare7kpp")
     assert "needs --data DIR and --checkpoint PATH" in _error(tmp_path, text)
     (tmp_path / "x.pth").touch()
     assert "needs --data DIR (e.g." in _error(tmp_path, text, checkpoint=str(tmp_path / "x.pth"))

@@ -22,6 +22,7 @@ import yaml
 
 import sweep
 from cascade.io import atomic_write_json, read_json
+from orchestrator.record import SweepRecord
 from orchestrator.space import TOP_KEYS, load_space
 
 TESTS = Path(__file__).resolve().parent
@@ -31,23 +32,23 @@ ROOT = TESTS.parent
 # -- the fake trainer (runs inside Ray trial processes) ------------------------------------------
 
 
-def fake_train(cfg, report=None, checkpoint_dir=None, output_dir=None) -> dict:
+def fake_train(cfg, report=None, checkpoint_dir=None, output_dir=None, metrics_file=True) -> dict:
     """train() stand-in: cfg.steps steps of nothing, checkpoints, metrics that depend on k and λ.
 
     Resumes from `checkpoint_dir/last.json`. Fails at `cfg.fail_at_step`. When the sweep folder
     holds a file `crash-<trial folder>`, the process dies (os._exit) once, at step 3.
     """
-    out, ckpt = Path(output_dir), Path(checkpoint_dir)
-    sweep_dir = out.parent.parent
+    out, ckpt = Path(output_dir), Path(checkpoint_dir)  # trials/<id>/evals/<eval>, trials/<id>/checkpoints
+    trial, sweep_dir = ckpt.parent.name, ckpt.parents[2]
     start = read_json(ckpt / "last.json")["step"] if (ckpt / "last.json").exists() else 0
     with open(sweep_dir / "calls.log", "a") as fh:
-        fh.write(f"{out.name} start={start}\n")
+        fh.write(f"{trial} start={start} eval={out.name}\n")
     atomic_write_json(out / "config.json", cfg.to_dict())
     for step in range(start + 1, (cfg.steps if cfg.kind == "cascade" else 0) + 1):
         time.sleep(float(os.environ.get("FAKE_STEP_S", "0.05")))
         if cfg.fail_at_step == step:
             raise FloatingPointError(f"non-finite loss at step {step}\nsecond line")
-        crash = sweep_dir / f"crash-{out.name}"
+        crash = sweep_dir / f"crash-{trial}"
         if step == 3 and crash.exists():
             crash.unlink()
             os._exit(3)
@@ -62,7 +63,8 @@ def fake_train(cfg, report=None, checkpoint_dir=None, output_dir=None) -> dict:
     metrics = {"psnr_entire": psnr, "psnr_streak": psnr + 6, "psnr_glare": psnr + 3,
                "ssim_entire": 0.8, "ssim_streak": 0.9, "ssim_glare": 0.85, "n_images": 2,
                "steps": cfg.steps, "wall_s": 0.5, "protocol": cfg.protocol}
-    atomic_write_json(out / "metrics.json", metrics)
+    if metrics_file:
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -128,13 +130,15 @@ def _space(tmp_path: Path, space: dict[str, Any] = MINI, name: str = "space.yaml
 
 
 def _opts(tmp_path: Path, **changes) -> sweep.RunOptions:
-    return sweep.RunOptions(results=tmp_path / "results", train_fn=fake_train, prepare=(fake_base,),
-                            **changes)
+    return sweep.RunOptions(**{"results": tmp_path / "results", "train_fn": fake_train,
+                               "prepare": (fake_base,), **changes})
 
 
-def _calls(tmp_path: Path, sweep_name: str = "mini") -> list[str]:
+def _calls(tmp_path: Path, sweep_name: str = "mini", evals: bool = False) -> list[str]:
+    """`<trial> start=<step>` per call of the fake trainer (with ` eval=<eval id>` if `evals`)."""
     log = tmp_path / "results" / sweep_name / "calls.log"
-    return log.read_text().splitlines() if log.exists() else []
+    lines = log.read_text().splitlines() if log.exists() else []
+    return lines if evals else [line.split(" eval=")[0] for line in lines]
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +162,14 @@ def test_grid_runs_every_cell_then_resume_skips_and_new_cells_run_alone(ray_sess
     assert len(plan["cells"]) == 5  # reference + 2 k x 2 lambda_
     ids = {c["trial_id"] for c in plan["cells"]}
     assert len(ids) == 4  # the λ=0 pair is one trial
-    for tid in ids:
-        metrics = read_json(sweep_dir / "trials" / tid / "metrics.json")
-        assert metrics["trial_id"] == tid
-        assert (sweep_dir / "trials" / tid / "per_image.csv").is_file()
-        assert read_json(sweep_dir / "trials" / tid / "config.json")["seed"] == 0
+    record = SweepRecord(sweep_dir)
+    for cell in plan["cells"]:
+        tid, eid = cell["trial_id"], cell["eval_id"]
+        metrics = record.read_metrics(tid, eid)
+        assert metrics["trial_id"] == tid and metrics["eval_id"] == eid
+        assert metrics["provenance"]["fingerprints"] == cell["fingerprints"]
+        assert record.per_image_path(tid, eid).is_file()
+        assert record.read_config(tid, eid)["seed"] == 0
     calls = _calls(tmp_path)
     assert sorted(line.split()[0] for line in calls) == sorted(ids)
     out = capsys.readouterr().out
@@ -215,7 +222,7 @@ def test_failed_trial_is_recorded_and_retried_interrupted_one_resumes(ray_sessio
     assert error["error"].startswith("trial process died")
     assert sweep.run_sweep(ok, _opts(tmp_path)).left == 0
     assert _calls(tmp_path)[-1] == f"{victim} start=2"
-    assert read_json(sweep_dir / "trials" / victim / "metrics.json")["trial_id"] == victim
+    assert SweepRecord(sweep_dir).read_metrics(victim, ok.cells[0].eval_id)["trial_id"] == victim
 
 
 @pytest.mark.slow
@@ -242,8 +249,8 @@ def test_optuna_search_records_its_trials_and_resumes(ray_session, tmp_path):
     assert left == 0 and len(sampled) == 3 and plan["cells"][0]["kind"] == "reference"
     for cell in sampled:
         assert 0.0 <= cell["lambda_"] <= 1.0 and cell["config"]["margin"] == cell["sampled"]["margin"]
-        tdir = sweep_dir / "trials" / cell["trial_id"]
-        assert (tdir / "metrics.json").is_file() or (tdir / "stopped.json").is_file()
+        state = SweepRecord(sweep_dir).status(cell["trial_id"], cell["eval_id"]).state
+        assert state in ("done", "stopped")
     assert len(_calls(tmp_path)) == 4
 
     # Asking for more samples runs only the new ones (warm-started from the finished three).
@@ -264,8 +271,9 @@ def test_asha_stops_trials_that_report_a_worse_metric_while_training(ray_session
     assert sweep.run_sweep(space, _opts(tmp_path)).left == 0
     sweep_dir = tmp_path / "results" / "mini"
     cells = [c for c in read_json(sweep_dir / "sweep.json")["cells"] if "sampled" in c]
-    stopped = [c for c in cells if (sweep_dir / "trials" / c["trial_id"] / "stopped.json").is_file()]
-    done = [c for c in cells if (sweep_dir / "trials" / c["trial_id"] / "metrics.json").is_file()]
+    record = SweepRecord(sweep_dir)
+    stopped = [c for c in cells if record.status(c["trial_id"], c["eval_id"]).state == "stopped"]
+    done = [c for c in cells if record.status(c["trial_id"], c["eval_id"]).state == "done"]
     assert len(cells) == 6 and stopped and done and len(stopped) + len(done) == 6
     # A trial is stopped only for being worse than one that reached the rung before it.
     for cell in stopped:
@@ -278,6 +286,114 @@ def test_asha_stops_trials_that_report_a_worse_metric_while_training(ray_session
     # Stopped trials are final: running again trains nothing.
     calls = len(_calls(tmp_path))
     assert sweep.run_sweep(space, _opts(tmp_path)).left == 0 and len(_calls(tmp_path)) == calls
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    from cascade.uformer import Uformer, save_checkpoint
+
+    save_checkpoint(Uformer(img_size=32, embed_dim=8, depths=(1,) * 9), path)
+    return path
+
+
+def _with_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    from dataclasses import fields as dc_fields
+
+    from cascade.config import TrialConfig
+
+    fixed = {"checkpoint": str(checkpoint)}
+    if "base_kind" in {f.name for f in dc_fields(TrialConfig)}:
+        fixed["base_kind"] = "flare7kpp"
+    return _variant(MINI, fixed=fixed, grid={"lambda_": [1.0]}, reference=False)
+
+
+@pytest.mark.slow
+def test_identity_is_content_not_path_and_a_new_protocol_reevaluates(ray_session, tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path / "a" / "net.pth")
+    space = _space(tmp_path, _with_checkpoint(ckpt))
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 0
+    calls = _calls(tmp_path)
+    assert sorted(calls) == sorted(f"{c.trial_id} start=0" for c in space.cells)
+
+    # The same bytes on another mount: the same trials, nothing runs.
+    moved = tmp_path / "elsewhere" / "net.pth"
+    moved.parent.mkdir()
+    moved.write_bytes(ckpt.read_bytes())
+    table = sweep.table1(tmp_path / "space.yaml", tmp_path / "results")
+    before_csv = (tmp_path / "results" / "mini" / "masked" / "table1.csv").read_text()
+    same = _space(tmp_path, _with_checkpoint(moved))
+    assert [c.trial_id for c in same.cells] == [c.trial_id for c in space.cells]
+    assert [c.eval_id for c in same.cells] == [c.eval_id for c in space.cells]
+    assert sweep.run_sweep(same, _opts(tmp_path)).left == 0 and _calls(tmp_path) == calls
+    assert sweep.table1(tmp_path / "space.yaml", tmp_path / "results") == table
+    assert (tmp_path / "results" / "mini" / "masked" / "table1.csv").read_text() == before_csv
+
+    # Another protocol: every trial is evaluated again from its last checkpoint (step 6 of 6),
+    # beside the first evaluation, which stays as it was.
+    record = SweepRecord(tmp_path / "results" / "mini")
+    before = {c.trial_id: record.read_metrics(c.trial_id, c.eval_id) for c in space.cells}
+    flare7k = load_space(_write(tmp_path, _with_checkpoint(moved)), protocol="flare7k")
+    assert {c.trial_id for c in flare7k.cells} == set(before)
+    assert not {c.eval_id for c in flare7k.cells} & {c.eval_id for c in space.cells}
+    lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results", protocol="flare7k")
+    assert all(" trained " in line and "other evaluations: masked-" in line for line in lines[:-1])
+    assert sweep.run_sweep(flare7k, _opts(tmp_path)).left == 0
+    assert sorted(_calls(tmp_path)[len(calls):]) == sorted(f"{c.trial_id} start=6" for c in flare7k.cells)
+    for c in flare7k.cells:
+        assert record.read_metrics(c.trial_id, c.eval_id)["protocol"] == "flare7k"
+    assert {c.trial_id: record.read_metrics(c.trial_id, c.eval_id) for c in space.cells} == before
+    sweep.table1(tmp_path / "space.yaml", tmp_path / "results", protocol="flare7k")
+    assert (tmp_path / "results" / "mini" / "flare7k" / "table1.csv").is_file()
+    assert (tmp_path / "results" / "mini" / "masked" / "table1.csv").read_text() == before_csv
+
+    # One byte of the checkpoint changes: every trial is new.
+    data = bytearray(moved.read_bytes())
+    data[-1] ^= 1
+    moved.write_bytes(bytes(data))
+    changed = _space(tmp_path, _with_checkpoint(moved))
+    assert not {c.trial_id for c in changed.cells} & set(before)
+
+
+@pytest.mark.slow
+def test_a_deterministic_failure_is_not_retried_unless_asked(ray_session, tmp_path):
+    space = _space(tmp_path, _variant(MINI, grid={"lambda_": [1.0], "k": [2]}, reference=False,
+                                      fixed={"fail_at_step": 3}))
+    tid = space.cells[0].trial_id
+    raising = _opts(tmp_path, train_fn=fake_train_user_error)
+    assert sweep.run_sweep(space, raising).left == 1
+    status = SweepRecord(tmp_path / "results" / "mini").status(tid, space.cells[0].eval_id)
+    assert status.state == "failed" and status.deterministic
+    lines = sweep.status(tmp_path / "space.yaml", tmp_path / "results")
+    assert "(deterministic; not retried without --retry-failed) UserError: bad input" in lines[0]
+    assert sweep.run_sweep(space, raising).left == 1 and len(_calls(tmp_path)) == 1  # left alone
+    again = _opts(tmp_path, retry_failed=True, train_fn=fake_train_user_error)
+    assert sweep.run_sweep(space, again).left == 1  # asked: retried (and fails the same way)
+    assert _calls(tmp_path) == [f"{tid} start=0", f"{tid} start=2"]
+
+
+@pytest.mark.slow
+def test_an_input_changed_after_planning_fails_its_trial_in_one_line(ray_session, tmp_path):
+    weights = tmp_path / "encoder.pth"
+    weights.write_bytes(b"encoder weights")
+    space = _space(tmp_path, _variant(MINI, grid={"k": [2], "lambda_": [0.5]}, reference=False,
+                                      fixed={"encoder_pretrained": True, "encoder_weights": str(weights)}))
+    weights.write_bytes(b"other weights!!")  # between planning (load_space) and the trial's start
+    assert sweep.run_sweep(space, _opts(tmp_path)).left == 1
+    status = SweepRecord(tmp_path / "results" / "mini").status(space.cells[0].trial_id,
+                                                               space.cells[0].eval_id)
+    assert status.state == "failed" and status.deterministic
+    assert status.error.startswith(f"UserError: {weights}: changed since the sweep was planned")
+    assert _calls(tmp_path) == []  # nothing trained on the mixed inputs
+
+
+def fake_train_user_error(cfg, report=None, checkpoint_dir=None, output_dir=None,
+                          metrics_file=True) -> dict:
+    """fake_train whose failure at `fail_at_step` is a UserError (it repeats from the checkpoint)."""
+    try:
+        return fake_train(cfg, report, checkpoint_dir, output_dir, metrics_file)
+    except FloatingPointError:
+        from cascade.errors import UserError
+
+        raise UserError("bad input at step 3") from None
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_collect import make_results_tree
+from test_collect import fidelity_lpips, make_results_tree, result_dir
 
 from cascade.errors import UserError
 from reports import build_reports
@@ -27,10 +27,12 @@ from reports.table1 import (
 )
 
 
-def _hand_table(rows: list[tuple]) -> pd.DataFrame:
-    """A table1_frame by hand: (method, k, lambda_, psnr_entire, ssim_entire[, n_seeds, std])."""
+def _hand_table(rows: list[tuple], lpips: list[float] | None = None,
+                lpips_reason: str = "") -> pd.DataFrame:
+    """A table1_frame by hand: (method, k, lambda_, psnr_entire, ssim_entire[, n_seeds, std]);
+    lpips_entire per row from `lpips` (default: none, with `lpips_reason`)."""
     out = []
-    for method, k, lam, psnr, ssim, *rest in rows:
+    for i, (method, k, lam, psnr, ssim, *rest) in enumerate(rows):
         n_seeds, std = rest if rest else (1, np.nan)
         row = {"method": method, "k": k, "lambda_": lam, "n_seeds": n_seeds, "n_planned": max(n_seeds, 1),
                "status": "done" if psnr is not None else "failed", "shared": lam == 0.0,
@@ -39,6 +41,8 @@ def _hand_table(rows: list[tuple]) -> pd.DataFrame:
             base = psnr if m.startswith("psnr") else ssim
             row[m] = np.nan if base is None else base
             row[m + "_std"] = std
+        row["lpips_entire"] = np.nan if lpips is None or lpips[i] is None else lpips[i]
+        row["lpips_entire_std"], row["lpips_reason"] = std, lpips_reason
         out.append(row)
     frame = pd.DataFrame(out)
     frame["k"] = frame["k"].astype("Int64")
@@ -110,15 +114,17 @@ def test_latex_rounding_bold_and_missing():
         ("cascade", 1, 1.0, 23.744, 0.87101),  # ties the reference at 2 decimals: both bold
         ("cascade", 1, 0.6, None, None),  # failed
         ("cascade", 2, 1.0, 23.1, 0.87104),  # best SSIM (0.8710 ties row 2 at 4 decimals)
-    ])
+    ], lpips=[0.21234, 0.2101, None, 0.23])
     latex = table1_latex(table, caption="Cap.", label="tab:t", sweep_dir="results/x")
     body = _body(latex)
-    assert len(body) == 4 and all(line.count("&") == 8 for line in body)
+    assert len(body) == 4 and all(line.count("&") == 9 for line in body)
     assert "0.8692 &" in body[0] and "23.741" not in latex and "0.87104" not in latex
     assert body[0].count("\\textbf{23.74}") == 3 and body[1].count("\\textbf{23.74}") == 3
     assert "\\textbf{0.8710}" in body[1] and "\\textbf{0.8710}" in body[3]
-    assert latex.count("\\textbf{") == 12  # 3 PSNR x 2 tied rows + 3 SSIM x 2 tied rows
-    assert body[2].count("---$^{a}$") == 6 and "0" not in body[2].split("&", 3)[3]
+    # LPIPS: lower is better, 4 decimals; the failed row's LPIPS cell is "---" like the others.
+    assert body[0].endswith("& 0.2123 \\\\") and body[1].endswith("& \\textbf{0.2101} \\\\")
+    assert latex.count("\\textbf{") == 13  # 3 PSNR x 2 tied rows + 3 SSIM x 2 tied rows + LPIPS
+    assert body[2].count("---$^{a}$") == 7 and "0" not in body[2].split("&", 3)[3]
     assert "$^{a}$\\,Trial failed: CUDA out of memory (see results/x/trials/t/error.json)." in latex
 
 
@@ -127,7 +133,8 @@ def test_latex_structure_and_mean_std():
                          ("cascade", 2, 0.6, 23.18, 0.8706, 3, 0.051),
                          ("cascade", 2, 0.0, 23.71, 0.8679)])
     latex = table1_latex(table, caption="Demo \\& more.", label="tab:table1-demo")
-    for needle in ("\\begin{table}", "\\centering", "\\toprule", "\\cmidrule(lr){4-6}", "\\midrule",
+    for needle in ("\\begin{table}", "\\centering", "\\toprule", "\\cmidrule(lr){4-6}",
+                   "\\cmidrule(lr){10-10}", "\\midrule",
                    "\\bottomrule", "\\end{tabular}", "\\end{table}", "\\caption{Demo \\& more.}",
                    "\\label{tab:table1-demo}", "\\multicolumn{3}{c}{PSNR (dB)}"):
         assert needle in latex, needle
@@ -147,6 +154,63 @@ def test_latex_compiles(sweep, tmp_path):
     run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-2000:]
+
+
+def test_without_lpips_weights_the_column_says_why(tmp_path):
+    sweep = load_sweep(make_results_tree(tmp_path, failed=(), with_images=False, fidelity=True,
+                                         lpips_weights=False))
+    table = table1_frame(sweep)
+    assert table["lpips_entire"].isna().all()
+    assert (table["lpips_reason"] == "no AlexNet trunk weights offline (alexnet.pth)").all()
+    latex = table1_latex(table, caption="c")
+    body = _body(latex)
+    assert all(line.split("&")[-1].strip().startswith("---$^{") for line in body)
+    assert "LPIPS not computed: no AlexNet trunk weights offline (alexnet.pth)." in latex
+    assert latex.count("LPIPS not computed") == 1  # one footnote for every row
+    back = pd.read_csv(write_csv(table, tmp_path / "table1.csv"))
+    assert back["lpips_entire"].isna().all()  # an empty field, never 0
+
+
+def test_fidelity_columns_and_caption(tmp_path):
+    sweep = load_sweep(make_results_tree(tmp_path, seeds=(0, 1), failed=(), with_images=False,
+                                         fidelity=True))
+    table = table1_frame(sweep).set_index(["method", "k", "lambda_"])
+    ref = table.iloc[0]
+    assert ref["lpips_entire"] == pytest.approx(np.mean([fidelity_lpips(None, s) for s in (0, 1)]))
+    assert ref["lpips_entire_std"] == pytest.approx(np.std([0.25, 0.252], ddof=1))
+    assert (ref["reduction"], ref["base_kind"], ref["eval_mode"], ref["lpips"]) == (
+        "", "flare7kpp", "native", "flare7k")
+    row = table.loc[("cascade", 2, 0.6)]
+    assert row["lpips_entire"] == pytest.approx(np.mean([fidelity_lpips((2, 0.6), s) for s in (0, 1)]))
+    assert (row["reduction"], row["encoder_features"], row["random_erasing"], row["margin"]) == (
+        "mean", "cls", "0.5", "0.1")
+    assert row["d_pn_p50"] == pytest.approx(0.45) and row["d_pn_hinge_active"] == pytest.approx(0.5)
+    assert np.isnan(table.loc[("cascade", 1, 1.0), "d_pn_p50"])  # lambda_ = 1: no triplet term
+    frame = table1_frame(sweep)
+    back = pd.read_csv(write_csv(frame, tmp_path / "table1.csv"))
+    np.testing.assert_allclose(back["lpips_entire"], frame["lpips_entire"])
+    assert back.loc[0, "lpips_fingerprint"] == "0123456789abcdef"
+    values = ["method", "k", "lambda_", *METRICS, "lpips_entire"]
+    assert list(frame.columns[:10]) == values  # the paper's columns first, then LPIPS
+    caption = caption_text(frame, sweep, "Table 1.")
+    for needle in ("norms reduced by \\texttt{mean} per sample", "encoder features \\texttt{cls}",
+                   "random erasing $p = 0.5$ (input only)", "margin $\\alpha = 0.1$",
+                   "has median 0.45 over training", "hinge active for 50\\,\\% of samples",
+                   "base kind \\texttt{flare7kpp} (channels 0:3 as predicted",
+                   "mode \\texttt{native}", "\\texttt{flare7k} convention ([0, 1] inputs without"):
+        assert needle in caption, needle
+    latex = table1_latex(frame, caption=caption)
+    assert "\\textbf{0.2" in latex and "LPIPS not computed" not in latex
+    assert "cannot vanish" not in caption  # alpha = 0.1 < the median 0.45
+    frame["margin"] = frame["margin"].replace("0.1", "1.0")
+    assert "below $\\alpha$: the triplet term cannot vanish" in caption_text(frame, sweep, "T.")
+
+
+def test_lpips_texts_name_the_configs_conventions():
+    from cascade.config import LPIPS_CONVENTIONS
+    from reports.table1 import LPIPS_TEXT
+
+    assert tuple(LPIPS_TEXT) == LPIPS_CONVENTIONS
 
 
 def test_diff_ci_finds_the_built_in_effects(sweep):
@@ -207,7 +271,7 @@ def test_search_trials_follow_the_grid_and_stopped_cells_are_footnoted(tmp_path)
         plan["cells"].append({**plan["cells"][4], "trial_id": tid, "lambda_": lam,
                               "sampled": {"lambda_": lam}})
     (sweep_dir / "sweep.json").write_text(json.dumps(plan))
-    (sweep_dir / "trials" / "k2-l0.6-s0" / "metrics.json").unlink()
+    (result_dir(sweep_dir, "k2-l0.6-s0") / "metrics.json").unlink()
     (sweep_dir / "trials" / "k2-l0.6-s0" / "stopped.json").write_text("{}")
     sweep = load_sweep(sweep_dir)
     table = table1_frame(sweep)

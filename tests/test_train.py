@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from test_evaluate import use_random_lpips
 
 from cascade import distributed
 from cascade import train as T
@@ -73,6 +74,137 @@ def test_training_lowers_the_loss_and_leaves_the_negative_untouched(cache, monke
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
 
 
+@pytest.mark.parametrize(("reduction", "features"), [("sum", "tokens"), ("mean", "cls")])
+def test_loss_conventions_are_used_and_recorded(cache, monkeypatch, tmp_path, reduction, features):
+    from cascade import losses
+
+    built = []
+    real = losses.CascadeLoss.__init__
+
+    def spy(self, encoder, *args, **kwargs):
+        real(self, encoder, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(losses.CascadeLoss, "__init__", spy)
+    cfg = tiny(cache, steps=2, reduction=reduction, encoder_features=features, random_erasing=0.5)
+    result = T.train(cfg, output_dir=tmp_path)
+    loss = built[0]
+    assert loss.reduction == reduction and loss.encoder.features == features
+    # small_cpu: 512 pooled values (cls) or its 512 x 4 x 4 activation map (tokens, 32 px -> 128 px)
+    assert loss.encoder.embed_dim == (512 * 16 if features == "tokens" else 512)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for record in (result, saved):
+        assert (record["reduction"], record["encoder_features"], record["random_erasing"]) == (
+            reduction, features, 0.5)
+        assert (record["data_loader"], record["base_kind"], record["eval_mode"]) == (
+            "procedural", "flare7kpp", "native")
+        assert record["lpips"] == "flare7k" and "lpips_entire" in record
+        d = record["d_pn"]
+        assert d["count"] == 4 and d["min"] <= d["p50"] <= d["max"] and 0 <= d["hinge_active"] <= 1
+    assert saved["d_pn"] == result["d_pn"]
+    # `sum` adds over the embedding's elements: d is D (here 8192) times the mean's order.
+    if reduction == "sum":
+        assert result["d_pn"]["mean"] > 50 * TrialConfig().margin
+
+
+def test_lambda_one_records_no_distances(cache, tmp_path):
+    result = T.train(tiny(cache, steps=2, lambda_=1.0, delta=0.0))
+    assert result["d_pn"]["count"] == 0 and result["d_pn"]["p50"] is None
+
+
+def test_random_erasing_reaches_the_procedural_pairs(cache):
+    plain = T.build_pairs(tiny(cache)).batch([0, 1, 2, 3])
+    erased = T.build_pairs(tiny(cache, random_erasing=1.0)).batch([0, 1, 2, 3])
+    assert T.data_loader(T.build_pairs(tiny(cache))) == "procedural"
+    assert not torch.equal(plain[0], erased[0])  # the input has its box
+    assert torch.equal(plain[1], erased[1]) and torch.equal(plain[2], erased[2])  # gt, flare not
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A 6-channel Uformer file standing in for a released checkpoint."""
+    from cascade.uformer import Uformer, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "net.pth"
+    save_checkpoint(Uformer(img_size=32, embed_dim=8, depths=(1,) * 9), path)
+    return str(path)
+
+
+def test_base_kind_picks_the_evaluation_path_of_a_trial(cache, tiny_checkpoint, monkeypatch, tmp_path):
+    """flare7k (v1): the evaluation re-blends the input's light sources (test.py:97, 0.97);
+    flare7kpp: it does not. The procedural test images have saturated lights."""
+    from cascade import model as model_module
+
+    blends: list[float] = []
+    real = model_module.blend_light_source
+
+    def spy(inputs, deflared, threshold=model_module.DEFAULT_LIGHT_THRESHOLD):
+        blends.append(threshold)
+        return real(inputs, deflared, threshold)
+
+    monkeypatch.setattr(model_module, "blend_light_source", spy)
+    results = {}
+    for kind in ("flare7k", "flare7kpp"):
+        blends.clear()
+        cfg = tiny(cache, kind="reference", checkpoint=tiny_checkpoint, base_kind=kind, n_samples=2)
+        results[kind] = T.train(cfg, output_dir=tmp_path / kind)
+        assert blends == ([0.97] * 2 if kind == "flare7k" else [])
+        assert results[kind]["base_kind"] == kind
+    assert results["flare7k"]["light_threshold"] == 0.97 and results["flare7kpp"]["light_threshold"] is None
+    # The samples: v1 = the ++ output with the input's light blended back, exactly.
+    from cascade.data.images import read_rgb, to_tensor, to_uint8
+
+    item = PairedTestSet(ensure_test_data(tiny(cache)))[0]
+    plain = read_rgb(tmp_path / "flare7kpp" / "samples" / f"{item.stem}.png")
+    v1 = read_rgb(tmp_path / "flare7k" / "samples" / f"{item.stem}.png")
+    x = to_tensor(item.input)[None]
+    base = load_checkpoint(tiny_checkpoint).eval()
+    with torch.no_grad():
+        raw = base(x)[:, :3]
+    assert (plain == to_uint8(raw[0])).all()
+    assert (v1 == to_uint8(real(x, raw)[0])).all() and not (v1 == plain).all()
+
+
+def test_a_cascade_trial_with_a_v1_checkpoint_blends_the_anchor_output(cache, tiny_checkpoint, tmp_path):
+    cfg = tiny(cache, checkpoint=tiny_checkpoint, base_kind="flare7k", steps=2, lambda_=1.0, delta=0.0)
+    result = T.train(cfg, output_dir=tmp_path)
+    assert (result["base_kind"], result["light_threshold"], result["kind"]) == ("flare7k", 0.97, "cascade")
+
+
+def test_lpips_appears_in_per_image_and_metrics_when_weights_exist(cache, monkeypatch, tmp_path):
+    build = use_random_lpips(monkeypatch)  # LPIPS "available", seeded random AlexNet weights
+    result = T.train(tiny(cache, kind="reference", n_samples=2), output_dir=tmp_path)
+    rows = pd.read_csv(tmp_path / "per_image.csv", dtype={"image": str})
+    lp = rows[rows["metric"] == "lpips"]
+    assert len(lp) == 2 and set(lp["region"]) == {"entire"}
+    assert result["lpips_entire"] == pytest.approx(lp["value"].mean())
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["lpips_entire"] == result["lpips_entire"] and saved["lpips_weights_source"] == "random"
+    assert saved["lpips_fingerprint"] == build().fingerprint and saved["lpips_reason"] is None
+    # The score of the saved sample against its gt, recomputed directly with the same weights.
+    from cascade.data.images import read_rgb
+
+    item = PairedTestSet(ensure_test_data(tiny(cache)))[0]
+    pred = read_rgb(tmp_path / "samples" / f"{item.stem}.png")
+    direct = build()(pred, item.gt, "flare7k")
+    assert lp.loc[lp["image"] == item.stem, "value"].item() == pytest.approx(direct, abs=1e-6)
+
+
+def test_bad_base_kind_or_lpips_weights_fail_before_anything_is_written(cache, tmp_path):
+    from cascade.uformer import Uformer, save_checkpoint
+
+    three = tmp_path / "three.pth"
+    save_checkpoint(Uformer(img_size=32, embed_dim=8, depths=(1,) * 9, output_ch=3), three)
+    out = tmp_path / "out"
+    with pytest.raises(T.UserError, match=r"three.pth: base_kind=flare7kpp, but this Uformer has 3"):
+        T.train(tiny(cache, kind="reference", checkpoint=str(three), base_kind="flare7kpp"),
+                output_dir=out)
+    with pytest.raises(T.UserError, match=r"^lpips_weights='/nowhere/alexnet.pth': "):
+        T.train(tiny(cache, kind="reference", lpips_weights="/nowhere/alexnet.pth"), output_dir=out)
+    assert not out.exists()
+
+
 class _Interrupt(Exception):
     pass
 
@@ -99,6 +231,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(cache, tmp_path):
         assert torch.equal(a[k], b[k]), k
     for key in ("psnr_entire", "psnr_glare", "ssim_streak", "final_loss"):
         assert straight[key] == resumed[key], key
+    # d(p, n) of all 6 steps x 2 samples: 3 steps from the checkpoint, 3 from the resumed run.
+    assert straight["d_pn"]["count"] == resumed["d_pn"]["count"] == 12
+    assert resumed["d_pn"] == straight["d_pn"]
+    saved = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["extra"]["d_pn"]
+    assert len(saved["d_pn"]) == len(saved["hinge_active"]) == 12
 
 
 def test_eval_every_reports_test_metrics_while_training_without_changing_the_result(cache, tmp_path):
@@ -143,11 +280,15 @@ def test_reference_trial_equals_evaluating_the_base_directly(cache, tmp_path):
         items.append((item.stem, pred, item.gt, item.mask))
     direct = evaluate_arrays(items, protocol="flare7k", workers=0)
     written = pd.read_csv(tmp_path / "per_image.csv", dtype={"image": str})
+    written = written[written["metric"] != "lpips"]  # rows only where AlexNet weights are cached
     pd.testing.assert_frame_equal(written, direct, check_dtype=False, check_exact=False, rtol=1e-12)
     expected = summarize(direct)
     for key in ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "score", "n_images"):
         assert result[key] == expected[key], key
     assert result["n_images"] == len(ts) and result["steps"] == 0 and result["kind"] == "reference"
+    # The procedural base is Flare7K++-style: no light-source re-blend; no loss, so no d(p, n).
+    assert (result["base_kind"], result["eval_mode"], result["light_threshold"]) == ("flare7kpp", "native", None)
+    assert result["d_pn"] is None and result["reduction"] is None and result["random_erasing"] is None
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing checkpointed
 
 
@@ -205,6 +346,20 @@ def test_one_ddp_step_on_two_ranks_equals_one_process_on_the_whole_batch(cache):
     # The tolerance is far tighter than a wrong gradient: rank 0's half of the batch alone.
     half = _anchor_after(cfg.replace(batch_size=1), base_path) - start
     assert scale > 1e-3 and (half - single).abs().max().item() > 100 * atol
+
+
+@pytest.mark.slow
+def test_d_pn_is_gathered_over_ddp_ranks(cache):
+    # d(p, n) compares the ground truth with the frozen negative's output: the same samples give
+    # the same values on 1 or 2 ranks; rank 0 reports the samples of both.
+    cfg = tiny(cache, steps=2, log_every=1)
+    base_path = str(ensure_base(cfg))
+    one = distributed.launch("none", 1, T._train_rank, (cfg, base_path, None, None, 0.0))["d_pn"]
+    two = distributed.launch("ddp", 2, T._train_rank, (cfg.replace(backend="ddp", workers=2),
+                                                       base_path, None, None, 0.0))["d_pn"]
+    assert one["count"] == two["count"] == 4
+    for key in ("mean", "min", "max", "p50"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
 
 @pytest.mark.gpu
