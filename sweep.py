@@ -117,11 +117,16 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
         write_plan(space, run.record, plan)  # once here; only new search samples change it later
         statuses = dict(zip([c.trial_id for c in plan.trials()],
                             run.record.statuses(keys(plan.trials()))))
-        todo = [c for c in plan.trials() if should_run(statuses[c.trial_id], opts.retry_failed)]
+        # Grid cells run as a grid; unfinished search samples resume in the search phase, under
+        # the study and ASHA (the study queues them first, `_search_setup`).
+        grid = {c.trial_id for c in plan.grid}
+        runnable = [c for c in plan.trials() if should_run(statuses[c.trial_id], opts.retry_failed)]
+        todo = [c for c in runnable if c.trial_id in grid]
+        resumed = len(runnable) - len(todo)
         for line in plan_lines(space, plan, list(statuses.values()), len(todo), run.record.root,
                                opts.retry_failed):
             run.say(line)
-        if not todo and not plan.new_samples(space):
+        if not todo and not plan.new_samples(space) and not resumed:
             run.say(f"nothing to run. `{next_command(space, 'table1')}` writes the tables.")
             return Outcome(left=not_done(list(statuses.values())), interrupted=False)
         prepare_shared(space.name, [c.config for c in todo] + configs[len(space.cells):],
@@ -135,7 +140,7 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
                 _run_tuner(run, todo)
                 interrupted = cut_short(run.record, todo)
             if not interrupted and space.search is not None:
-                asked = load_plan(space, run.record).new_samples(space)
+                asked = load_plan(space, run.record).new_samples(space) + resumed
                 if asked:
                     ran = _run_tuner(run, None)
                     sampled = [c for c, _ in load_plan(space, run.record).sampled]
