@@ -45,13 +45,14 @@ from orchestrator.record import SweepRecord
 ONE = _variant(MINI, grid={"k": [2], "lambda_": [0.5]}, reference=False)
 
 
-def probe_train(cfg, report=None, checkpoint_dir=None, output_dir=None) -> dict:
+def probe_train(cfg, report=None, checkpoint_dir=None, output_dir=None, metrics_file=True) -> dict:
     """fake_train, after writing what the trial process sees to <sweep>/probe.json."""
     sweep_dir = Path(checkpoint_dir).parents[2]
     (sweep_dir / "probe.json").write_text(json.dumps({
         "device": cfg.device, "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "probe": os.environ.get("FLARESWEEP_PROBE"), "cache": os.environ.get("FLARESWEEP_CACHE")}))
-    return fake_train(cfg, report=report, checkpoint_dir=checkpoint_dir, output_dir=output_dir)
+    return fake_train(cfg, report=report, checkpoint_dir=checkpoint_dir, output_dir=output_dir,
+                      metrics_file=metrics_file)
 
 
 @pytest.fixture(scope="module")
