@@ -47,7 +47,7 @@ times the MSE units; it is never rescaled, so a `sum` search space must scale `m
 metrics.json's `d_pn` records the measured d(p, n).
 """
 
-ENCODER_NAMES = ("vit_l16_swag", "vit_l16_swag_e2e", "small_cpu")
+ENCODER_NAMES = ("vit_l16_swag", "vit_l16_swag_e2e", "small_cpu", "flare_seg")
 """The names of cascade.encoders.ENCODERS (a test keeps them equal), checked without importing it."""
 REDUCTIONS = ("mean", "sum")
 """cascade.losses.REDUCTIONS (a test keeps them equal), checked without importing torch."""

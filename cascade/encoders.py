@@ -15,6 +15,10 @@ Names (`build_encoder(name, pretrained, weights=None, image_size=None, features=
   paper's crop size, so the embedded CPU demo's crops are not resampled upwards. A ResNet rather
   than a tiny ViT: equally fast on CPU at 128 px, and with random weights (the demo has no internet)
   convolutions with a global pool still respond to local structure such as flare streaks.
+- `flare_seg` (the embedded demo's default): a small CNN trained on the procedural benchmark to
+  segment streak, glare and light source, built once and cached (`cascade.demo_encoder`, which
+  says why and what it learned); its embedding is its standardised, pooled last feature map.
+  `pretrained=False` gives its random initialisation.
 - `timm:<model>`: any timm model name, tag allowed
   (`timm:vit_large_patch16_224.augreg_in21k_ft_in1k`, `timm:vgg19.tv_in1k`); the embedding is the pre-logits feature
   (`forward_head(forward_features(x), pre_logits=True)`), the classifier itself is dropped.
@@ -65,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cascade.demo_encoder import build_demo_encoder
 from cascade.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -407,6 +412,7 @@ ENCODERS: dict[str, Callable[..., PerceptualEncoder]] = {
     "vit_l16_swag": partial(build_torchvision_vit, VIT_L16_SWAG_LINEAR, "vit_l16_swag"),
     "vit_l16_swag_e2e": partial(build_torchvision_vit, VIT_L16_SWAG_E2E, "vit_l16_swag_e2e"),
     "small_cpu": partial(build_timm, "resnet18.tv_in1k", "small_cpu", default_image_size=128),
+    "flare_seg": build_demo_encoder,
 }
 """Encoder name -> builder(pretrained, weights=None, image_size=None, features="cls"). Names
 starting with `timm:` are handled by `build_encoder` and need no entry."""

@@ -161,7 +161,19 @@ def training_inputs(cfg: TrialConfig, *, memo: bool = True) -> dict[str, Any]:
                    if cfg.data else None)
     out["backgrounds"] = tree_fingerprint(cfg.backgrounds, memo=memo) if cfg.backgrounds else None
     out["procedural"] = procedural_versions() if cfg.data is None or cfg.checkpoint is None else None
+    demo = demo_encoder_version(cfg)
+    if demo is not None:  # only then: the ids of trials that read their encoder file stay as they were
+        out["demo_encoder"] = demo
     return out
+
+
+def demo_encoder_version(cfg: TrialConfig) -> dict[str, Any] | None:
+    """The demo encoder's version when the trial builds its weights (cascade.demo_encoder) rather
+    than reading a file: its weights are then a function of that version and the generator."""
+    from cascade.versions import DEMO_ENCODER
+
+    built = cfg.encoder == DEMO_ENCODER["name"] and cfg.encoder_pretrained and not cfg.encoder_weights
+    return dict(DEMO_ENCODER) | {"generator": procedural_versions()["generator"]} if built else None
 
 
 def test_set_path(cfg: TrialConfig) -> str | None:

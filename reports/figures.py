@@ -3,10 +3,14 @@
 - metric_vs_lambda: PSNR/SSIM per region against λ, one line per k, the reference dashed,
   ±1 std bands over seeds where there are several.
 - diff_vs_lambda: the same as differences to the reference with paired bootstrap 95% CI bands;
-  filled markers where the CI excludes 0.
-- qualitative: input, reference (negative) output, anchor output and ground truth for a few test
-  images, streak/glare outlined from the mask, per-image PSNR/SSIM under each output
-  (like the paper's Figures 3-4).
+  filled markers where the CI excludes 0; where the diff frame has `reports.stats.POWER_COLUMNS`,
+  a grey band of ± the minimum detectable difference around 0 and, under the panels, per region
+  and metric what the sweep could detect and what the paper's effect sizes would need.
+- qualitative: input, reference (negative) output, anchor output, ground truth and a regions panel
+  (the mask's streak, glare and light source as translucent fills over the dimmed ground truth,
+  so the outputs stay unobstructed and a region is visible whatever its shape), per-image PSNR/SSIM
+  under each output (like the paper's Figures 3-4).
+The encoder's provenance (the trials' `weights_source`) is printed under the λ figures.
 Figures are built on `matplotlib.figure.Figure` (no pyplot state), so any backend works.
 """
 
@@ -20,10 +24,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from cascade.io import IMAGE_SUFFIXES, atomic_path
 from cascade.masks import region_weights
 from reports.collect import DIFF_SCALE, METRICS, SweepResults, demo_reasons
+from reports.stats import LEVEL, POWER, POWER_COLUMNS, cell_differences, power_summary
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,10 @@ K_COLOURS = {1: "#1f77b4", 2: "#d62728"}
 K_MARKERS = {1: "o", 2: "s"}
 # λ offset per k so the shared λ=0 point and overlapping error bars of both k stay visible.
 K_DODGE = {1: -0.012, 2: 0.012}
-REGION_COLOURS = {"streak": "#ff00ff", "glare": "#00e5ff"}  # visible on orange/white flares
+# Fills of the regions panel: the Flare7K mask colours (glare yellow, streak red, light blue).
+REGION_FILLS = {"glare": (1.0, 0.85, 0.0), "streak": (1.0, 0.1, 0.1), "light": (0.2, 0.45, 1.0)}
+FILL_ALPHA = 0.65
+DIM = 0.35  # the ground truth under the fills, at this brightness
 DPI = 150
 
 
@@ -40,10 +49,18 @@ def write_figures(sweep: SweepResults, table: pd.DataFrame, diffs: pd.DataFrame,
     """Write every figure that the results support; log (not raise) why one is skipped."""
     written: list[Path] = []
     banner = _demo_banner(table)
+    note = encoder_note(sweep)
+    if len(diffs) and "mde" not in diffs:  # a diff frame without POWER_COLUMNS: add them
+        power = cell_differences(sweep.cells, sweep.per_image, n_resamples=50)
+        if len(power):
+            keep = ["k", "lambda_", "metric", *POWER_COLUMNS]
+            diffs = diffs.merge(power[keep].assign(k=power["k"].astype("Int64")),
+                                on=["k", "lambda_", "metric"], how="left")
     if (table["method"] == "cascade").any() and table[list(METRICS)].notna().any().any():
-        written += _save(metric_vs_lambda(table, banner=banner), out_dir, "metric_vs_lambda")
+        written += _save(metric_vs_lambda(table, banner=banner, note=note), out_dir,
+                         "metric_vs_lambda")
     if len(diffs) and diffs["diff"].notna().any():
-        written += _save(diff_vs_lambda(diffs, banner=banner), out_dir, "diff_vs_lambda")
+        written += _save(diff_vs_lambda(diffs, banner=banner, note=note), out_dir, "diff_vs_lambda")
     fig = qualitative(sweep, table, anchor=anchor, n_images=n_images, banner=banner)
     if fig is not None:
         written += _save(fig, out_dir, "qualitative")
@@ -60,6 +77,42 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
             fig.savefig(tmp, format=fmt, dpi=DPI)
         paths.append(path)
     return paths
+
+
+def encoder_note(sweep: SweepResults) -> str | None:
+    """"f: <weights_source>" of the finished cascade trials (their distinct encoders), or None."""
+    done = sweep.cells[(sweep.cells["kind"] == "cascade") & (sweep.cells["status"] == "done")]
+    sources = dict.fromkeys(str(sweep.trials[t]["metrics"].get("weights_source"))
+                            for t in done["trial_id"].drop_duplicates()
+                            if sweep.trials[t]["metrics"].get("weights_source"))
+    return ("encoder f: " + "; ".join(sources)) if sources else None
+
+
+FOOTER_LINE_IN = 0.14  # inches per line of footer text at FOOTER_FONTSIZE
+FOOTER_FONTSIZE = 7.5
+LEGEND_IN = 0.5  # inches a one-row figure legend with a title takes
+
+
+def _legend_and_footer(fig: Figure, handles: list, labels: list[str], lines: list[str], *,
+                       title: str | None = None, fontsize: float = 9) -> None:
+    """The figure legend under the panels, then `lines` of small text under it.
+
+    Without text this is an "outside lower center" legend. With text, the constrained layout is
+    confined to the area above both (its `rect`) and the figure grows by their height, so the
+    panels keep their size and nothing overlaps."""
+    kwargs = {"ncol": len(labels), "frameon": False, "fontsize": fontsize, "title": title,
+              "title_fontsize": 8}
+    if not lines:
+        fig.legend(handles, labels, loc="outside lower center", **kwargs)
+        return
+    wrapped = [w for line in lines for w in textwrap.wrap(line, 175, subsequent_indent="  ")]
+    text_in = (len(wrapped) + 0.5) * FOOTER_LINE_IN
+    fig.set_figheight(fig.get_figheight() + text_in + LEGEND_IN)
+    h = fig.get_figheight()
+    fig.get_layout_engine().set(rect=(0, (text_in + LEGEND_IN) / h, 1, 1 - (text_in + LEGEND_IN) / h))
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, text_in / h), **kwargs)
+    fig.text(0.01, 0.25 * FOOTER_LINE_IN / h, "\n".join(wrapped), fontsize=FOOTER_FONTSIZE,
+             ha="left", va="bottom", color="0.25")
 
 
 def _demo_banner(table: pd.DataFrame) -> str | None:
@@ -108,7 +161,8 @@ def _lambda_ticks(ax, lambdas: np.ndarray) -> None:
     ax.set_xlabel("λ (weight of $L_\\mathrm{REG}$)")
 
 
-def metric_vs_lambda(table: pd.DataFrame, *, banner: str | None = None) -> Figure:
+def metric_vs_lambda(table: pd.DataFrame, *, banner: str | None = None,
+                     note: str | None = None) -> Figure:
     """PSNR/SSIM against λ: rows PSNR, SSIM; columns entire, streak, glare."""
     fig, axes = _grid("Region metrics against λ", banner)
     ours = table[table["method"] == "cascade"]
@@ -145,16 +199,19 @@ def metric_vs_lambda(table: pd.DataFrame, *, banner: str | None = None) -> Figur
         stopped = "stopped" in set(ours["status"])
         labels.append("no result (failed, stopped early or not run)" if stopped
                       else "no result (failed or not run)")
-    note = ("error bars: ±1 std over seeds; shaded: reference ±1 std" if any_band
-            else "one seed per cell (no error bars)")
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels) + 1, frameon=False,
-               title=note, title_fontsize=8, fontsize=9)
+    bands = ("error bars: ±1 std over seeds; shaded: reference ±1 std" if any_band
+             else "one seed per cell (no error bars)")
+    _legend_and_footer(fig, handles, labels, [note] if note else [], title=bands)
     return fig
 
 
-def diff_vs_lambda(diffs: pd.DataFrame, *, banner: str | None = None) -> Figure:
-    """Δ vs the reference against λ with paired bootstrap 95% CI bands (SSIM in 1e-3)."""
+def diff_vs_lambda(diffs: pd.DataFrame, *, banner: str | None = None,
+                   note: str | None = None) -> Figure:
+    """Δ vs the reference against λ with paired bootstrap 95% CI bands (SSIM in 1e-3); with
+    POWER_COLUMNS, ± the median minimum detectable difference as a grey band and a text block
+    (`power_lines`) under the panels."""
     fig, axes = _grid("Difference to the reference (ours − Uformer), paired bootstrap 95% CI", banner)
+    power = power_summary(diffs)
     for m in METRICS:
         ax = axes[_axis(axes, m)]
         scale = DIFF_SCALE[m]
@@ -173,14 +230,51 @@ def diff_vs_lambda(diffs: pd.DataFrame, *, banner: str | None = None) -> Figure:
             ax.plot(x[sig], y[sig], marker, color=colour, ms=5.5, ls="")
             ax.plot(x[~sig], y[~sig], marker, mfc="white", mec=colour, ms=5.5, ls="")
         ax.axhline(0.0, color="0.3", ls="--", lw=1.1, label="Uformer (reference)")
+        hit = power[power["metric"] == m] if len(power) else power
+        if len(hit):
+            mde = float(hit["mde"].iloc[0]) * scale
+            ax.axhspan(-mde, mde, color="0.5", alpha=0.15, lw=0, label="± minimum detectable Δ")
         _finish_axis(ax, m, "ΔPSNR (dB)" if m.startswith("psnr") else "ΔSSIM (×10$^{-3}$)",
                      rows_m["lambda_"].to_numpy(float))
     handles, labels = axes[0, 0].get_legend_handles_labels()
     handles += [Line2D([], [], ls="", marker="o", color="0.2"),
                 Line2D([], [], ls="", marker="o", mfc="white", mec="0.2")]
     labels += ["95% CI excludes 0", "95% CI includes 0"]
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False, fontsize=9)
+    _legend_and_footer(fig, handles, labels, power_lines(power) + ([note] if note else []))
     return fig
+
+
+def _count(value: float) -> str:
+    if not np.isfinite(value):
+        return "∞" if value > 0 else "?"
+    return f"{int(value):,}"
+
+
+def _effect(value: float, metric: str) -> str:
+    return f"{value:g} dB" if metric.startswith("psnr") else f"{value:g} SSIM"
+
+
+def power_lines(power: pd.DataFrame) -> list[str]:
+    """Text under the Δ figure: per region and metric, the minimum detectable Δ of this sweep and
+    the images (at its seeds) / seeds (at its images) the paper's small and large effects need."""
+    if power.empty:
+        return []
+    first = power.iloc[0]
+    lines = [f"Minimum detectable Δ (grey band; median over cells) at {LEVEL:.0%} confidence, "
+             f"{POWER:.0%} power, from the paired per-image and per-seed variance "
+             f"({int(first['n_images'])} images, {int(first['n_seeds'])} seed(s)). An effect of the "
+             "paper's size needs at least N images (at these seeds) or M seeds (at these images); "
+             "at least: the fewest any cell needs, ∞: the other factor's variance alone is too large:"]
+    parts = []
+    for row in power.itertuples(index=False):
+        kind, region = row.metric.split("_")
+        unit = " dB" if kind == "psnr" else ""
+        mde = f"{row.mde:.3g}{unit}" if kind == "psnr" else f"{row.mde:.2g}"
+        parts.append(f"{kind.upper()} {region}: MDE {mde}; {_effect(row.effect_large, row.metric)}: "
+                     f"{_count(row.n_images_large)} img / {_count(row.n_seeds_large)} seeds; "
+                     f"{_effect(row.effect_small, row.metric)}: {_count(row.n_images_small)} img / "
+                     f"{_count(row.n_seeds_small)} seeds")
+    return lines + parts
 
 
 # -- qualitative grid -----------------------------------------------------------------------------
@@ -240,9 +334,23 @@ def _scores(sweep: SweepResults, trial_id: str, stem: str) -> str:
     return f"PSNR {psnr:.2f} dB, SSIM {ssim:.4f}"
 
 
+def regions_panel(gt: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The regions of `mask` as translucent fills (REGION_FILLS) over the dimmed `gt`.
+
+    gt, mask: (H, W, 3) uint8 of the same size. Returns (H, W, 3) float in [0, 1]. Each pixel is
+    blended with every region it belongs to (weight x FILL_ALPHA), glare, then streak, then the
+    light source on top, as Flare7K paints its masks."""
+    weights = region_weights(mask)
+    out = gt.astype(np.float64) / 255.0 * DIM
+    for region, colour in REGION_FILLS.items():
+        a = (weights[region] * FILL_ALPHA)[..., None]
+        out = out * (1 - a) + np.asarray(colour) * a
+    return np.clip(out, 0.0, 1.0)
+
+
 def qualitative(sweep: SweepResults, table: pd.DataFrame, *, anchor: tuple[int, float] | None = None,
                 n_images: int = 3, banner: str | None = None) -> Figure | None:
-    """Input | reference output | anchor output | ground truth, a row per test image.
+    """Input | reference output | anchor output | ground truth | regions, a row per test image.
 
     Returns None (and logs why) when samples or the test set are not on disk.
     """
@@ -265,28 +373,26 @@ def qualitative(sweep: SweepResults, table: pd.DataFrame, *, anchor: tuple[int, 
                  ref_samples, anchor_samples, test_dir)
         return None
 
-    titles = ["Input", "Reference (negative) output", f"Anchor output ({anchor_label})", "Ground truth"]
-    fig = Figure(figsize=(11, 2.95 * len(stems) + 0.9), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(stems), 4))
+    titles = ["Input", "Reference (negative) output", f"Anchor output ({anchor_label})",
+              "Ground truth", "Regions (mask)"]
+    fig = Figure(figsize=(13.5, 2.95 * len(stems) + 0.9), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(stems), len(titles)))
     for r, stem in enumerate(stems):
         mask = _read_rgb(_find_image(test_dir / "mask", stem))
-        weights = region_weights(mask)
+        gt = _read_rgb(_find_image(test_dir / "gt", stem))
+        regions = regions_panel(gt, mask) if mask.shape == gt.shape else mask / 255.0
         panels = [
             (_read_rgb(_find_image(test_dir / "input", stem)), ""),
             (_read_rgb(_find_image(ref_samples, stem)), _scores(sweep, ref_id, stem)),
             (_read_rgb(_find_image(anchor_samples, stem)), _scores(sweep, anchor_id, stem)),
-            (_read_rgb(_find_image(test_dir / "gt", stem)), ""),
+            (gt, ""),
+            (regions, ""),
         ]
         for c, (image, caption) in enumerate(panels):
             ax = axes[r, c]
             h, w = image.shape[:2]
-            # Normalised extent: a mask of another size still lines up with the image.
+            # Normalised extent: images of other sizes still line up.
             ax.imshow(image, extent=(0, 1, 1, 0))
-            for region, colour in REGION_COLOURS.items():
-                z = weights[region]
-                if z.max() > 0.5:
-                    ys, xs = np.linspace(0, 1, z.shape[0]), np.linspace(0, 1, z.shape[1])
-                    ax.contour(xs, ys, z, levels=[0.5], colors=colour, linewidths=0.7)
             ax.set_xlim(0, 1)
             ax.set_ylim(1, 0)
             ax.set_aspect(h / w)
@@ -296,8 +402,9 @@ def qualitative(sweep: SweepResults, table: pd.DataFrame, *, anchor: tuple[int, 
             if r == 0:
                 ax.set_title(titles[c], fontsize=10)
         axes[r, 0].set_ylabel(stem, fontsize=9)
-    handles = [Line2D([], [], color=c, lw=1.2) for c in REGION_COLOURS.values()]
-    fig.legend(handles, [f"{r} region (mask)" for r in REGION_COLOURS], loc="outside lower center",
-               ncol=2, frameon=False, fontsize=9)
+    handles = [Patch(facecolor=c, alpha=FILL_ALPHA) for c in REGION_FILLS.values()]
+    fig.legend(handles, [f"{r} region" if r != "light" else "light source" for r in REGION_FILLS],
+               loc="outside lower center", ncol=len(REGION_FILLS), frameon=False, fontsize=9,
+               title="regions panel: the test mask over the dimmed ground truth", title_fontsize=8)
     _title(fig, "Qualitative comparison on test images (PSNR/SSIM: entire image)", banner)
     return fig

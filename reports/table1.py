@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -300,7 +301,15 @@ def _no_lpips(row: Any) -> str:
     reason = getattr(row, "lpips_reason", "") or ""
     if not reason or pd.isna(reason):
         return "No LPIPS recorded: these trials ran before LPIPS was added to the evaluation."
-    return f"LPIPS not computed: {escape_latex(reason)}."
+    return f"LPIPS not computed: {escape_latex(brief_reason(reason))}."
+
+
+def brief_reason(reason: str) -> str:
+    """A recorded reason as a caption gives it: its first sentence, without the machine's paths
+    (`cascade.lpips_score.missing_weights_message` names where this machine looked)."""
+    first = reason.split(". ")[0].rstrip(".")
+    return re.sub(r",? not found at \S+", " were not found on the machine that evaluated",
+                  first)
 
 
 def _shorten(text: str, limit: int = 80) -> str:

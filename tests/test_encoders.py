@@ -363,7 +363,7 @@ def test_offline_timm_weights_say_how_to_supply_them(monkeypatch: pytest.MonkeyP
     "name, message",
     [
         ("vgg", r"unknown encoder 'vgg'; expected one of vit_l16_swag, vit_l16_swag_e2e, small_cpu, "
-                r"or timm:<model>"),
+                r"flare_seg, or timm:<model>"),
         ("timm:resnet19", r"'resnet19' is not a timm model \(did you mean timm:resnet18"),
         ("timm:test_vit.bogus", r"no weights tagged 'bogus' for test_vit; tags: r160_in1k"),
         ("timm:", r"'' is not a timm model"),

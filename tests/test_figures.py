@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.image import imread
 from test_collect import make_results_tree
 
 from reports.collect import load_sweep
-from reports.figures import diff_vs_lambda, metric_vs_lambda, qualitative, write_figures
+from reports.figures import (
+    DIM,
+    FILL_ALPHA,
+    REGION_FILLS,
+    diff_vs_lambda,
+    metric_vs_lambda,
+    power_lines,
+    qualitative,
+    regions_panel,
+    write_figures,
+)
+from reports.stats import POWER_COLUMNS, power_summary
 from reports.table1 import diff_frame, table1_frame
 
 
@@ -91,15 +103,71 @@ def test_diff_markers_filled_only_where_ci_excludes_zero(built):
 def test_qualitative_grid_and_its_captions(built):
     sweep, table, _ = built
     fig = qualitative(sweep, table, anchor=(2, 0.6), n_images=2)
-    axes = np.array(fig.axes).reshape(2, 4)
+    axes = np.array(fig.axes).reshape(2, 5)
     assert [ax.get_title() for ax in axes[0]] == [
-        "Input", "Reference (negative) output", "Anchor output (k=2, λ=0.6)", "Ground truth"]
+        "Input", "Reference (negative) output", "Anchor output (k=2, λ=0.6)", "Ground truth",
+        "Regions (mask)"]
     assert axes[1, 0].get_ylabel() == "0001"
     per = sweep.per_image
     psnr = per[(per["trial_id"] == "k2-l0.6-s0") & (per["image"] == "0000")
                & (per["region"] == "entire") & (per["metric"] == "psnr")]["value"].iloc[0]
     assert axes[0, 2].get_xlabel().startswith(f"PSNR {psnr:.2f} dB, SSIM 0.")
-    assert axes[0, 0].collections  # region outlines drawn from the mask
+    # No outlines over the outputs: the regions are a panel of their own.
+    assert not any(ax.collections for ax in axes.ravel())
+
+
+def test_regions_panel_fills_every_region_and_dims_the_rest():
+    gt = np.full((8, 8, 3), 200, np.uint8)
+    mask = np.zeros((8, 8, 3), np.uint8)
+    mask[0] = (255, 255, 0)  # glare
+    mask[1] = (255, 0, 0)  # streak: a thin line stays visible as a fill, not a contour
+    mask[2, 2] = (0, 0, 255)  # a one-pixel light source
+    panel = regions_panel(gt, mask)
+    dim = 200 / 255 * DIM
+    np.testing.assert_allclose(panel[5, 5], [dim] * 3)  # outside every region: dimmed gt
+    for row, region in ((0, "glare"), (1, "streak")):
+        expected = dim * (1 - FILL_ALPHA) + np.asarray(REGION_FILLS[region]) * FILL_ALPHA
+        np.testing.assert_allclose(panel[row, 4], expected)
+    light = dim * (1 - FILL_ALPHA) + np.asarray(REGION_FILLS["light"]) * FILL_ALPHA
+    np.testing.assert_allclose(panel[2, 2], light)
+
+
+def test_diff_figure_shows_the_minimum_detectable_difference(built):
+    _, _, diffs = built
+    rows = []
+    for metric in diffs["metric"].unique():
+        rows.append({"metric": metric, "mde": 0.2 if metric.startswith("psnr") else 0.002,
+                     "sd_image": 0.3, "sd_seed": 0.05, "effect_small": 0.01, "effect_large": 0.3,
+                     "n_images_small": np.inf, "n_images_large": 40.0, "n_seeds_small": np.inf,
+                     "n_seeds_large": 2.0})
+    power = pd.DataFrame(rows)
+    with_power = diffs.drop(columns=[c for c in POWER_COLUMNS if c in diffs]).merge(power, on="metric")
+    fig = diff_vs_lambda(with_power, note="encoder f: flaresweep:flare_seg/abc (trained ...)")
+    band = [p for p in fig.axes[0].patches if p.get_label() == "± minimum detectable Δ"]
+    assert len(band) == 1
+    assert np.isclose(band[0].get_y(), -0.2) and np.isclose(band[0].get_height(), 0.4)
+    (footer,) = [t for t in fig.texts if "Minimum detectable" in t.get_text()]
+    text = footer.get_text().replace("\n", " ")
+    assert "PSNR entire: MDE 0.2 dB; 0.3 dB: 40 img / 2 seeds; 0.01 dB: ∞ img / ∞ seeds" in text
+    assert "80% power" in text and "encoder f: flaresweep:flare_seg/abc" in text
+    lines = power_lines(power_summary(with_power.assign(n_seeds=3)))
+    assert "(12 images, 3 seed(s))" in lines[0]
+
+
+def test_power_summary_takes_the_median_mde_and_the_fewest_images_any_cell_needs():
+    diffs = pd.DataFrame({"metric": ["psnr_entire"] * 3, "n_images": [96] * 3, "n_seeds": [3] * 3,
+                          "mde": [0.5, 0.6, 9.0], "effect_small": 0.01, "effect_large": 0.3,
+                          "n_images_small": [np.inf] * 3, "n_images_large": [300.0, np.inf, np.inf],
+                          "n_seeds_small": [np.inf] * 3, "n_seeds_large": [np.inf, 4.0, np.inf]})
+    (row,) = power_summary(diffs).to_dict("records")
+    assert row["mde"] == 0.6 and row["n_images_large"] == 300 and row["n_seeds_large"] == 4
+
+
+def test_write_figures_adds_the_power_columns_when_the_diff_frame_lacks_them(built, tmp_path):
+    sweep, table, diffs = built
+    bare = diffs.drop(columns=[c for c in POWER_COLUMNS if c in diffs])
+    written = write_figures(sweep, table, bare, tmp_path, anchor=(2, 0.6))
+    assert (tmp_path / "diff_vs_lambda.png") in written
 
 
 def test_qualitative_falls_back_to_best_cell_and_skips_without_images(built, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from reports import stats
 from reports.collect import METRICS
 from reports.stats import aggregate_seeds, paired_bootstrap, paired_differences, per_image_wide
 
@@ -107,3 +108,76 @@ def test_nothing_finished_says_the_most_definite_reason():
     stopped = _cells([None, None], ["stopped", "pending"])
     assert aggregate_seeds(stopped)["status"] == "stopped"
     assert aggregate_seeds(_cells([None, None], ["stopped", "failed"]))["status"] == "failed"
+
+
+# -- minimum detectable difference (issue 20) -------------------------------------------------------
+
+
+def test_z_sum_is_the_normal_quantiles_at_95_percent_and_80_percent_power():
+    assert stats.z_sum() == pytest.approx(1.959964 + 0.841621, abs=1e-6)
+    assert stats.z_sum(level=0.9, power=0.5) == pytest.approx(1.644854, abs=1e-6)
+
+
+def test_variance_components_and_mde_known_values():
+    # seed means 2, 3; image means 1.5, 2.5, 3.5; no interaction:
+    # MS_seed = 3 * 0.5, MS_image = 2 * 1.0, MS_res = 0 -> s2_seed 0.5, s2_image 1.0
+    d = np.array([[1.0, 2.0, 3.0], [2.0, 3.0, 4.0]])
+    c = stats.variance_components(d)
+    assert (c["s2_seed"], c["s2_image"], c["s2_res"], c["m"], c["n"]) == pytest.approx((0.5, 1.0, 0.0, 2, 3))
+    out = stats.power_analysis(d, (0.01, 0.3))
+    v = 0.5 / 2 + 1.0 / 3  # V(m=2, n=3)
+    assert out["mde"] == pytest.approx(stats.z_sum() * np.sqrt(v))
+    assert out["sd_image"] == pytest.approx(1.0) and out["sd_seed"] == pytest.approx(np.sqrt(0.5))
+    # The seed term alone (0.5 / 2) exceeds (0.3 / 2.80)^2: no number of images is enough.
+    assert out["n_images_large"] == np.inf
+    # Seeds at 3 images: 1/3 > (0.3 / 2.80)^2 too, so no number of seeds either.
+    assert out["n_seeds_large"] == np.inf
+
+
+def test_sample_sizes_solve_the_power_equation():
+    c = {"s2_seed": 0.01, "s2_image": 1.0, "s2_res": 0.04, "m": 3, "n": 48}
+    z = stats.z_sum()
+    budget = (0.3 / z) ** 2
+    n = stats.sample_size(c, 0.3, vary="images")
+    assert n == np.ceil((1.0 + 0.04 / 3) / (budget - 0.01 / 3))
+    assert stats.mean_variance(c, 3, n) <= budget < stats.mean_variance(c, 3, n - 1)
+    m = stats.sample_size(c, 0.3, vary="seeds")
+    assert m == np.inf  # 1.0 / 48 images > budget: more seeds cannot fix too few images
+    wide = {**c, "s2_seed": 0.05, "n": 1000}
+    m = stats.sample_size(wide, 0.3, vary="seeds")
+    assert m == 5 and stats.mean_variance(wide, m, 1000) <= budget < stats.mean_variance(wide, m - 1, 1000)
+
+
+def test_one_seed_uses_the_image_variance_and_leaves_seeds_unknown():
+    d = np.array([[0.1, 0.3, 0.2, 0.6]])
+    out = stats.power_analysis(d, (0.01, 0.3))
+    var = np.var(d, ddof=1)
+    assert out["mde"] == pytest.approx(stats.z_sum() * np.sqrt(var / 4))
+    assert out["n_images_large"] == np.ceil(var / (0.3 / stats.z_sum()) ** 2)
+    assert np.isnan(out["sd_seed"]) and np.isnan(out["n_seeds_large"])
+
+
+def test_the_model_recovers_known_components():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 0.1, (8, 1)), rng.normal(0, 0.5, (1, 400))
+    d = 0.2 + a + b + rng.normal(0, 0.2, (8, 400))
+    c = stats.variance_components(d)
+    assert c["s2_image"] == pytest.approx(0.25, rel=0.2) and c["s2_res"] == pytest.approx(0.04, rel=0.05)
+    assert c["s2_seed"] == pytest.approx(0.01, rel=0.8)
+
+
+def test_diff_rows_carry_power_columns_from_the_per_seed_differences():
+    per_image = pd.DataFrame(
+        _long("ref0", {"a": 20.0, "b": 20.0, "c": 20.0}) + _long("ref1", {"a": 20.0, "b": 20.0, "c": 20.0})
+        + _long("s0", {"a": 21.0, "b": 22.0, "c": 23.0}) + _long("s1", {"a": 22.0, "b": 23.0, "c": 24.0}))
+    wide = per_image_wide(per_image)
+    diffs = paired_differences(wide, [("s0", 0), ("s1", 1)], {0: "ref0", 1: "ref1"})
+    (row,) = [r for r in stats.diff_rows(diffs, n_resamples=50) if r["metric"] == "psnr_entire"]
+    assert set(stats.POWER_COLUMNS) <= set(row)
+    # The table above, as in test_variance_components_and_mde_known_values.
+    assert row["mde"] == pytest.approx(stats.z_sum() * np.sqrt(0.5 / 2 + 1.0 / 3))
+    assert (row["effect_small"], row["effect_large"]) == stats.PAPER_EFFECTS["psnr"]
+    # Without the per-trial table (one seed assumed): the image variance of the seed means.
+    diffs.attrs.clear()
+    (row,) = [r for r in stats.diff_rows(diffs, n_resamples=50) if r["metric"] == "psnr_entire"]
+    assert row["mde"] == pytest.approx(stats.z_sum() * np.sqrt(1.0 / 3)) and np.isnan(row["sd_seed"])

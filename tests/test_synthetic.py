@@ -17,6 +17,11 @@ from cascade.masks import MASK_COLOURS, region_weights
 SIZE = 48
 
 
+def to_numpy(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] on 8-bit levels -> (H, W, 3) uint8, as the PNGs store it."""
+    return (image * 255).round().byte().permute(1, 2, 0).numpy()
+
+
 @pytest.fixture(scope="module")
 def pairs() -> synthetic.ProceduralPairs:
     return synthetic.ProceduralPairs(SIZE, seed=3)
@@ -83,7 +88,7 @@ def test_generate_dataset_byte_identical_and_masks_decode(tmp_path: Path) -> Non
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     # written images are exactly the rendered batch; masks decode to the rendered regions
-    r = synthetic.ProceduralPairs(32, seed=7).render([0, 1, 2])
+    r = synthetic.ProceduralPairs(32, seed=7, split="test").render([0, 1, 2])
     for i in range(3):
         np.testing.assert_array_equal(read_rgb(a / f"input/{i:06d}.png"),
                                       (r.input[i] * 255).round().byte().permute(1, 2, 0).numpy())
@@ -113,9 +118,130 @@ def test_cli_rejects_bad_n(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_only_bundled_skimage_scenes() -> None:
-    bank = synthetic._scene_bank(64)
-    assert bank.shape == (len(synthetic.SKIMAGE_SCENES), 3, 64, 64)
-    assert float(bank.min()) >= 0 and float(bank.max()) <= 1
+    for group, names in synthetic.SCENES.items():
+        bank = synthetic._scene_bank(64, group)
+        assert bank.shape == (len(names), 3, 64, 64)
+        assert float(bank.min()) >= 0 and float(bank.max()) <= 1
+
+
+# -- splits: no test scene, crop source, PSF or flare in any training data (issue 20) -----------
+
+
+def test_photographs_are_split_by_file_and_by_content() -> None:
+    train, test = synthetic.SCENES["train"], synthetic.SCENES["test"]
+    assert set(train).isdisjoint(test) and len(test) >= 3 and len(train) >= 5
+    # By content too: no test photo equals (or is a resized copy of) a training photo.
+    a, b = synthetic._scene_bank(32, "train"), synthetic._scene_bank(32, "test")
+    distance = (a[:, None] - b[None]).abs().mean(dim=(2, 3, 4))  # (train, test)
+    assert float(distance.min()) > 0.02
+    assert [synthetic.scene_split(s) for s in synthetic.SPLITS] == ["train", "train", "train", "test"]
+
+
+def test_every_training_split_is_disjoint_from_the_test_split_by_construction() -> None:
+    # Seeds: every sample, PSF bank and noise bank seed of a training split differs from the test
+    # split's, for the same numeric seed (the old collision: a trial seed equal to TEST_SEED).
+    from cascade.data.testset import TEST_SEED, TEST_SPLIT
+
+    test = {synthetic.split_seed(TEST_SPLIT, TEST_SEED, 0, i) for i in range(64)}
+    test |= {synthetic.split_seed(TEST_SPLIT, TEST_SEED, part) for part in ("psf", "noise")}
+    for split in synthetic.TRAINING_SPLITS:
+        for seed in (0, 1, TEST_SEED, 1000):
+            mine = {synthetic.split_seed(split, seed, 0, i) for i in range(64)}
+            mine |= {synthetic.split_seed(split, seed, part) for part in ("psf", "noise")}
+            assert mine.isdisjoint(test), (split, seed)
+
+
+def test_a_trial_seeded_like_the_test_set_never_renders_the_test_images() -> None:
+    # Asserted on pixels: the "train" stream with the test set's seed shares no image, no PSF and
+    # no photograph with the test stream.
+    from cascade.data.testset import TEST_SEED
+
+    idx = list(range(6))
+    test = synthetic.ProceduralPairs(32, TEST_SEED, split="test")
+    train = synthetic.ProceduralPairs(32, TEST_SEED)  # what a trial with seed=TEST_SEED gets
+    a, b = test.render(idx), train.render(idx)
+    for i in idx:
+        for j in idx:
+            assert not torch.equal(a.gt[i], b.gt[j]) and not torch.equal(a.input[i], b.input[j])
+    psf_test, scenes_test, _ = test._banks(torch.device("cpu"))
+    psf_train, scenes_train, _ = train._banks(torch.device("cpu"))
+    assert not any(torch.allclose(p, q) for p in psf_test for q in psf_train)
+    assert scenes_test.shape[0] == len(synthetic.SCENES["test"])
+    assert scenes_train.shape[0] == len(synthetic.SCENES["train"])
+
+
+def test_the_test_split_is_refused_as_training_pairs_and_unknown_splits_are_refused() -> None:
+    with pytest.raises(UserError, match="the test split renders test sets only"):
+        synthetic.ProceduralPairs(32, 0, split="test").batch([0])
+    with pytest.raises(UserError, match="split 'val' is unknown; expected one of base, train"):
+        synthetic.ProceduralPairs(32, 0, split="val")
+    with pytest.raises(UserError, match="split 'x' is unknown"):
+        synthetic.split_seed("x", 0, 1)
+
+
+def test_generated_test_sets_come_from_the_test_split(tmp_path: Path) -> None:
+    out = synthetic.generate_dataset(tmp_path / "t", n=2, size=32, seed=5)
+    r = synthetic.ProceduralPairs(32, 5, split="test").render([0, 1])
+    np.testing.assert_array_equal(read_rgb(out / "gt/000001.png"), to_numpy(r.gt[1]))
+    assert '"split": "test"' in (out / "synthetic.json").read_text()
+
+
+# -- scale: training crops are cut from frames rendered at the test resolution -------------------
+
+
+def test_a_crop_is_a_window_of_the_frame_at_the_test_resolution() -> None:
+    frame, crop = 64, 32
+    cropped = synthetic.ProceduralPairs(crop, 2, frame=frame)
+    whole = synthetic.ProceduralPairs(frame, 2)
+    idx = [0, 1, 2, 3]
+    c, w = cropped.render(idx), whole.render(idx)
+    assert c.input.shape == (4, 3, crop, crop) and c.streak.shape == (4, crop, crop)
+    offsets = set()
+    for j, seed in enumerate(cropped.sample_seeds(idx)):
+        top, left = (int(v) for v in cropped._params(seed)["frame_at"])
+        offsets.add((top, left))
+        assert 0 <= top <= frame - crop and 0 <= left <= frame - crop
+        for name in ("input", "gt", "flare", "streak", "glare", "light"):
+            part = getattr(w, name)[j][..., top:top + crop, left:left + crop]
+            assert torch.equal(getattr(c, name)[j], part), name
+    assert len(offsets) > 1  # per-sample positions
+    with pytest.raises(UserError, match="frame=16 is smaller than the crop size=32"):
+        synthetic.ProceduralPairs(32, 0, frame=16)
+
+
+# -- camera: Flare7K's noise and gain -------------------------------------------------------------
+
+
+def test_camera_draws_follow_flare7k() -> None:
+    pairs = synthetic.ProceduralPairs(32, 0)
+    draws = [pairs._params(s) for s in pairs.sample_seeds(range(4000))]
+    sigma = np.array([d["sigma"] for d in draws])
+    gain = np.array([d["gain"] for d in draws])
+    gamma = np.array([d["gamma"] for d in draws])
+    # sigma = 0.01 * chi2(1): mean 0.01, median 0.01 * 0.455, P(sigma > 0.01 * 3.84) = 5 %
+    assert sigma.mean() == pytest.approx(0.01, rel=0.1)
+    assert np.median(sigma) == pytest.approx(0.01 * 0.4549, rel=0.1)
+    assert (sigma > 0.0384).mean() == pytest.approx(0.05, abs=0.015)
+    assert 0.5 <= gain.min() and gain.max() <= 1.2 and gain.mean() == pytest.approx(0.85, abs=0.02)
+    assert 1.8 <= gamma.min() and gamma.max() <= 2.2
+
+
+def test_noise_is_flare7k_sized_relative_to_the_scene() -> None:
+    # Noise alone must not dominate SSIM: a noise-free ground truth keeps SSIM > 0.9 on average
+    # against the noisy one (the earlier shot/read model: ~0.5).
+    from cascade.metrics import ssim_map
+
+    idx = list(range(16))
+    noisy = synthetic.ProceduralPairs(64, 9, split="test").render(idx)
+    bank = synthetic._noise_bank
+    try:
+        synthetic._noise_bank = lambda *a: torch.zeros_like(bank(*a))
+        clean = synthetic.ProceduralPairs(64, 9, split="test").render(idx)
+    finally:
+        synthetic._noise_bank = bank
+    assert not torch.equal(noisy.gt, clean.gt)
+    ssims = [ssim_map(to_numpy(clean.gt[i]), to_numpy(noisy.gt[i]))[0] for i in idx]
+    assert np.mean(ssims) > 0.9
 
 
 def test_random_erasing_changes_input_only(pairs: synthetic.ProceduralPairs) -> None:
@@ -128,7 +254,7 @@ def test_random_erasing_changes_input_only(pairs: synthetic.ProceduralPairs) -> 
     torch.testing.assert_close(gt, plain[1], rtol=0, atol=0)
     torch.testing.assert_close(flare, plain[2], rtol=0, atol=0)
     for j, i in enumerate(idx):
-        box = erase_box(erasing_generator(synthetic.sample_seed(3, i)), SIZE, SIZE, 1.0)
+        box = erase_box(erasing_generator(synthetic.split_seed("train", 3, 0, i)), SIZE, SIZE, 1.0)
         top, left, h, w = box
         inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
         inside[top:top + h, left:left + w] = True

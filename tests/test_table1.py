@@ -16,6 +16,7 @@ from cascade.errors import UserError
 from reports import build_reports
 from reports.collect import METRICS, load_sweep
 from reports.table1 import (
+    brief_reason,
     caption_text,
     diff_frame,
     main,
@@ -169,6 +170,15 @@ def test_without_lpips_weights_the_column_says_why(tmp_path):
     assert latex.count("LPIPS not computed") == 1  # one footnote for every row
     back = pd.read_csv(write_csv(table, tmp_path / "table1.csv"))
     assert back["lpips_entire"].isna().all()  # an empty field, never 0
+
+
+def test_lpips_footnote_keeps_the_first_sentence_without_the_machines_path():
+    from cascade.lpips_score import missing_weights_message
+
+    brief = brief_reason(missing_weights_message())
+    assert brief.startswith("LPIPS needs the AlexNet trunk weights") and "/" not in brief.split(")")[-1]
+    assert "not found on the machine that evaluated" in brief
+
 
 
 def test_fidelity_columns_and_caption(tmp_path):

@@ -145,9 +145,27 @@ def test_test_key_ignores_trial_fields_and_follows_test_fields(tmp_path: Path,
     assert testset.test_key(cfg) != testset.test_key(cfg.replace(n_test=3))
     import cascade.data.synthetic as synthetic
 
-    # Computed with cascade.base.test_key before the move: cached test sets stay valid.
-    monkeypatch.setattr(synthetic, "GENERATOR", "cascade.data.synthetic/2")
-    assert testset.test_key(TrialConfig()) == "ff01232eb803"
+    # Pinned (generator /3, the "test" split): an accidental change of the key would silently
+    # rebuild every cached test set; a deliberate one updates this value.
+    monkeypatch.setattr(synthetic, "GENERATOR", "cascade.data.synthetic/3")
+    assert testset.test_key(TrialConfig()) == "746385b66289"
+
+
+def test_the_procedural_test_set_is_the_test_split_and_shares_nothing_with_training(
+        tmp_path: Path) -> None:
+    import cascade.data.synthetic as synthetic
+    from cascade.data.images import read_rgb
+
+    cfg = cfg_for(tmp_path, n_test=3)
+    root = testset.ensure_test_data(cfg)
+    test = synthetic.ProceduralPairs(32, testset.TEST_SEED, split="test").render([0, 1, 2])
+    # A trial whose seed equals TEST_SEED trains on the "train" split: other pixels.
+    train = synthetic.ProceduralPairs(32, testset.TEST_SEED).batch([0, 1, 2])
+    for i in range(3):
+        written = read_rgb(root / "gt" / f"{i:06d}.png")
+        assert np.array_equal(written, (test.gt[i] * 255).round().byte().permute(1, 2, 0).numpy())
+        for j in range(3):
+            assert not np.array_equal(written, (train[1][j] * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def test_procedural_test_set_is_built_once_in_the_testset_layout(tmp_path: Path,

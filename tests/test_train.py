@@ -340,12 +340,13 @@ def test_one_ddp_step_on_two_ranks_equals_one_process_on_the_whole_batch(cache):
     double = _anchor_after(cfg.replace(backend="ddp", workers=2), base_path, "ddp", 2) - start
     # Each rank averages its half, DDP averages the ranks: the full-batch mean, summed in another
     # order, so equal to rounding (float32), not bit for bit.
-    scale = single.abs().max().item()  # measured: 0.017; the ranks differ from it by <= 1e-8
+    # measured: 6.3e-4 (the base of generator /3); the ranks differ from it by <= 1e-8
+    scale = single.abs().max().item()
     atol = 1e-5 * scale
     torch.testing.assert_close(double, single, rtol=1e-4, atol=atol)
     # The tolerance is far tighter than a wrong gradient: rank 0's half of the batch alone.
     half = _anchor_after(cfg.replace(batch_size=1), base_path) - start
-    assert scale > 1e-3 and (half - single).abs().max().item() > 100 * atol
+    assert scale > 1e-4 and (half - single).abs().max().item() > 100 * atol
 
 
 @pytest.mark.slow

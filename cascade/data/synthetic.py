@@ -1,31 +1,52 @@
 """Procedural night-time lens-flare benchmark: nothing downloaded, every pixel a function of a seed.
 
 Physics, in linear radiance (1.0 = sensor saturation):
-- Scene: a bundled scikit-image photograph darkened and tinted to a night look, or a procedural
-  night street (sky gradient with city glow, building silhouettes with lit windows, stars).
-- Light sources: 1-3 small HDR discs/ellipses, 10-400x saturation, lamp colours.
+- Scene, at a normal exposure: a bundled scikit-image photograph (desaturated, tinted, shadows
+  crushed) or a procedural night street (sky gradient with city glow, building silhouettes with
+  lit windows, stars), with vignetting.
+- Camera, as Flare7K synthesises its backgrounds (`basicsr/data/flare7k_dataset.py`): gain
+  U(0.5, 1.2) and Gaussian noise of sigma = 0.01 * chi2(1), both on the scene at that normal
+  exposure, then the exposure is cut to night, log-U(0.03, 0.18). The noise-to-signal ratio is
+  thus Flare7K's (`python bench/demo_check.py noise --size 128`: noise alone caps the SSIM of a
+  noise-free output at 0.95, as Flare7K's camera does on its normally exposed backgrounds, 0.93;
+  the same sigma added to the night radiance would cap it at 0.60, and the earlier shot/read model
+  did at 0.57, so SSIM measured noise that no network can predict).
+- Light sources: 1-3 small HDR discs/ellipses, 15-300x saturation, lamp colours.
 - Scattering flare: the point-spread function of an aperture with dust and scratches,
   PSF = |FFT(A * exp(i*phi))|^2 summed over five wavelengths (polygon edges and scratches give
   streaks and starbursts, dust gives soft rings, wavelength scaling gives colour fringes). The
   diffraction-limited core is removed (it is the light source itself, kept in gt). A bank of
-  PSFs is computed once per seed; each light's flare is a bank PSF rotated, scaled and resampled
-  straight onto the image at the light (the lights are 1-4 px discs, so the convolution is that
-  of a point of the disc's energy).
+  PSFs is computed once per (split, seed); each light's flare is a bank PSF rotated, scaled and
+  resampled straight onto the image at the light (the lights are 1-4 px discs, so the convolution
+  is that of a point of the disc's energy).
 - Veiling glare: a broad radial halo (1 + (r/r0)^2)^-p around every light, normalised in closed
   form.
 - Ghosts: faint aperture-shaped polygons on the line from the light through the optical centre.
-- Camera: shared Poisson-Gaussian-like noise on the scene, clip, gamma ~ 2.2 encode, 8-bit levels.
+- Output: clip, gamma U(1.8, 2.2) encode (Flare7K's range), 8-bit levels.
 
 gt = scene + light source (Flare7K++ convention: the light source stays), input = gt + flare,
 flare target = flare alone; all three are gamma-encoded (B, 3, S, S) in [0, 1] on 8-bit levels.
 Masks (Flare7K colours) are thresholds on the components rendered, see `MASK_THRESHOLDS`.
 
+Scale: lights, PSFs and halos are sized relative to the rendered frame, so a training crop must
+be cut from a frame rendered at the test resolution (`frame=test_size`), as Flare7K synthesises
+at full size and then crops; rendering whole scenes at the crop size would make every training
+flare several times smaller in pixels than the test flares.
+
+Splits (`SPLITS`): each sample belongs to one named stream, and the streams share nothing. The
+seeds of its random numbers, its PSF bank and its noise bank are derived from sha256 of
+("flaresweep-procedural/<split>", seed, ...), so the same seed in two splits gives unrelated
+streets, PSFs and flares; and the photographs are split by file: `test` renders only
+`SCENES["test"]`, every training split only `SCENES["train"]`. A trial's seed (any integer) can
+therefore never reproduce the test set or the base's data, and `batch()` (training pairs) refuses
+the test split.
+
 Randomness: every sample draws all its random numbers in one call to a CPU `torch.Generator`
-seeded with sha256(seed, epoch, index), so they are identical on any device, batch composition
+seeded from (split, seed, epoch, index), so they are identical on any device, batch composition
 or worker count. Full-resolution sensor noise is a per-sample window (offset, transpose, channel
-roll, sign) of a (3, 2S, 2S) Gaussian field; that field, the PSF bank and the scene bank depend
-on the seed only. Per-light and per-ghost work is added into its sample in a fixed order, so a
-sample's pixels do not depend on the rest of its batch (tested).
+roll, sign) of a (3, 2F, 2F) Gaussian field (F the frame side); that field, the PSF bank and the
+scene bank depend on the split and seed only. Per-light and per-ghost work is added into its
+sample in a fixed order, so a sample's pixels do not depend on the rest of its batch (tested).
 
 Cost (one core, bench/bench_data.py): ~0.04 CPU-s per batch of 8 at 128^2, ~0.14 at 256^2.
 """
@@ -51,9 +72,19 @@ from cascade.io import atomic_write_json
 from cascade.masks import paint_mask
 from cascade.seeds import derive_seed
 
-# Bundled with the scikit-image wheel (no pooch download); verified offline. Colour first.
-SKIMAGE_SCENES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
-                  "camera", "brick", "grass", "gravel")
+# Data streams that never share a sample, a PSF or a photograph (module docstring, "Splits"):
+# the procedural base's training data, a trial's fine-tuning data, the demo encoder's training
+# data (cascade.demo_encoder) and the test sets.
+SPLITS = ("base", "train", "encoder", "test")
+TRAINING_SPLITS = ("base", "train", "encoder")
+# Photographs bundled with the scikit-image wheel (no pooch download; verified offline), split by
+# file so that no test scene is a crop of a training photo: each split has colour and grey ones.
+# "motorcycle" is the left view of skimage.data.stereo_motorcycle (the right view is unused: it is
+# the same scene).
+SCENES = {
+    "train": ("astronaut", "coffee", "hubble_deep_field", "motorcycle", "camera", "brick", "grass"),
+    "test": ("chelsea", "rocket", "gravel"),
+}
 # Wavelengths (nm) and a coarse RGB response to each; rows = R, G, B, each normalised to sum 1.
 WAVELENGTHS = (450.0, 500.0, 550.0, 600.0, 650.0)
 _RGB_RESPONSE = torch.tensor([
@@ -77,16 +108,45 @@ LAMP_COLOURS = torch.tensor([
 MASK_THRESHOLDS = {"light": 0.5, "streak": 0.30, "glare": 0.18}
 MAX_LIGHTS = 3
 # Version of the pixels this module renders; bump when they change (cascade.pretrain and
-# cascade.data.testset key their caches on it). /2: PSF sprites, closed-form halo, one RNG draw per sample, noise bank.
-GENERATOR = "cascade.data.synthetic/2"
+# cascade.data.testset key their caches on it). /2: PSF sprites, closed-form halo, one RNG draw
+# per sample, noise bank. /3: splits (seed namespaces, photographs split by file), crops of a
+# frame, Flare7K's noise, gain and gamma.
+GENERATOR = "cascade.data.synthetic/3"
 MAX_GHOSTS = 4
-_N_SCALARS = 256  # uniform draws reserved per sample for scalar parameters (~150 used)
+_N_SCALARS = 256  # uniform draws reserved per sample for scalar parameters (~160 used)
 _LUMA = (0.2126, 0.7152, 0.0722)
+# Night exposure of a scene (a fraction of its normal exposure): log-uniform in this range.
+EXPOSURE = (0.03, 0.18)
+# The procedural street is designed in night radiance at this exposure (the geometric mean of
+# EXPOSURE), so that at its normal exposure it gets the same noise as a photograph.
+STREET_EXPOSURE = math.sqrt(EXPOSURE[0] * EXPOSURE[1])
 
 
 def sample_seed(seed: int, index: int, epoch: int = 0) -> int:
-    """A 63-bit seed for one sample: sha256 of (seed, epoch, index); independent of batching."""
+    """A 63-bit seed for one Flare7K training sample (`cascade.data.flare7k`): sha256 of
+    ("flaresweep", seed, epoch, index); independent of batching. Procedural samples use
+    `split_seed`, one namespace per split."""
     return derive_seed("flaresweep", seed, epoch, index)
+
+
+def split_seed(split: str, seed: int, *parts: object) -> int:
+    """A 63-bit seed in the namespace of one procedural split: sha256 of
+    ("flaresweep-procedural/<split>", seed, *parts). Samples use parts (epoch, index), the PSF
+    bank ("psf",), the noise bank ("noise",). Unknown splits are refused."""
+    check_split(split)
+    return derive_seed(f"flaresweep-procedural/{split}", seed, *parts)
+
+
+def check_split(split: str) -> None:
+    """UserError unless `split` is one of SPLITS."""
+    if split not in SPLITS:
+        raise UserError(f"procedural split {split!r} is unknown; expected one of {', '.join(SPLITS)}")
+
+
+def scene_split(split: str) -> str:
+    """Which photographs a split renders: "test" for the test split, "train" for the others."""
+    check_split(split)
+    return "test" if split == "test" else "train"
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -165,16 +225,16 @@ PSF_SIDE = 256
 
 
 @functools.lru_cache(maxsize=4)
-def _psf_bank(side: int, seed: int, count: int) -> torch.Tensor:
-    """(count, 3, side, side) scattering PSFs for one seed, computed once on CPU."""
-    g = torch.Generator().manual_seed(sample_seed(seed, -1))
+def _psf_bank(side: int, split: str, seed: int, count: int) -> torch.Tensor:
+    """(count, 3, side, side) scattering PSFs for one (split, seed), computed once on CPU."""
+    g = torch.Generator().manual_seed(split_seed(split, seed, "psf"))
     return torch.stack([_psf(side, g) for _ in range(count)])
 
 
 @functools.lru_cache(maxsize=4)
-def _noise_bank(size: int, seed: int) -> torch.Tensor:
-    """(3, 2S, 2S) standard normal sensor-noise field for one seed, on CPU."""
-    g = torch.Generator().manual_seed(sample_seed(seed, -2))
+def _noise_bank(size: int, split: str, seed: int) -> torch.Tensor:
+    """(3, 2F, 2F) standard normal sensor-noise field for one (split, seed), on CPU."""
+    g = torch.Generator().manual_seed(split_seed(split, seed, "noise"))
     return torch.randn(3, 2 * size, 2 * size, generator=g)
 
 
@@ -185,28 +245,33 @@ def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Backgrounds
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _skimage_photos() -> tuple[torch.Tensor, ...]:
-    """The bundled skimage photographs, centre square crops, (3, n, n) uint8; decoded once."""
+def _load_photo(name: str) -> np.ndarray:
+    """One bundled scikit-image photograph, (H, W, 3) uint8."""
     import skimage.data
 
+    img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3])
+
+
+@functools.lru_cache(maxsize=2)
+def _skimage_photos(group: str) -> tuple[torch.Tensor, ...]:
+    """The photographs of `SCENES[group]`, centre square crops, (3, n, n) uint8; decoded once."""
     out = []
-    for name in SKIMAGE_SCENES:
-        img = getattr(skimage.data, name)()
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
-        t = torch.from_numpy(np.ascontiguousarray(img[..., :3])).permute(2, 0, 1)
+    for name in SCENES[group]:
+        t = torch.from_numpy(_load_photo(name)).permute(2, 0, 1)
         sq = min(t.shape[1:])  # centre square crop
         top, left = (t.shape[1] - sq) // 2, (t.shape[2] - sq) // 2
         out.append(t[:, top:top + sq, left:left + sq].contiguous())
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=2)
-def _scene_bank(side: int) -> torch.Tensor:
-    """(N, 3, side, side) bundled skimage photographs, linearised (sRGB^2.2), float32 on CPU."""
+@functools.lru_cache(maxsize=4)
+def _scene_bank(side: int, group: str) -> torch.Tensor:
+    """(N, 3, side, side) photographs of `SCENES[group]`, linearised (sRGB^2.2), float32, CPU."""
     out = []
-    for t in _skimage_photos():
+    for t in _skimage_photos(group):
         t = F.interpolate(t[None].float() / 255, size=(side, side), mode="bilinear",
                           antialias=True, align_corners=False)[0]
         out.append(t.clamp(0, 1) ** 2.2)
@@ -227,14 +292,19 @@ class Rendered:
 
 
 class ProceduralPairs:
-    """Procedural night-flare training/test pairs, each a pure function of (seed, epoch, index).
+    """Procedural night-flare pairs of one split, each a pure function of (seed, epoch, index).
 
     Args:
-        size: image side S in pixels (>= 16).
-        seed: dataset seed; also seeds the PSF bank.
+        size: side S in pixels (>= 16) of the images returned: the whole frame, or a crop of it.
+        seed: stream seed within the split; also seeds the split's PSF and noise banks.
+        split: one of SPLITS (module docstring, "Splits"); "train" (a trial's fine-tuning data)
+            by default. "test" renders test sets only (`render`); `batch` refuses it.
+        frame: side F >= S of the frame each sample is rendered at before an S x S crop at a
+            per-sample random position (None: F = S, the whole frame). Set it to the test
+            resolution for training crops (module docstring, "Scale").
         n_psf: scattering PSFs in the bank (each sample rotates/scales one of them).
-        natural_fraction: probability that a sample's scene is a darkened skimage photograph
-            rather than a procedural street.
+        natural_fraction: probability that a sample's scene is a darkened photograph rather
+            than a procedural street.
         ghosts: render aperture ghosts (reflective flare).
         random_erasing: probability of erasing one box of the *input* in `batch` (training pairs
             only; `render`, hence the test sets, never erases). `cascade.data.erasing`:
@@ -242,30 +312,43 @@ class ProceduralPairs:
             pairs byte-identical to a run without it.
     """
 
-    def __init__(self, size: int, seed: int, *, n_psf: int = 6, natural_fraction: float = 0.5,
-                 ghosts: bool = True, random_erasing: float = 0.0) -> None:
+    def __init__(self, size: int, seed: int, *, split: str = "train", frame: int | None = None,
+                 n_psf: int = 6, natural_fraction: float = 0.5, ghosts: bool = True,
+                 random_erasing: float = 0.0) -> None:
+        check_split(split)
         if size < 16:
             raise UserError(f"ProceduralPairs: size={size} is too small; expected >= 16")
+        if frame is not None and frame < size:
+            raise UserError(f"ProceduralPairs: frame={frame} is smaller than the crop size={size}")
         if not 0.0 <= natural_fraction <= 1.0:
             raise UserError(f"ProceduralPairs: natural_fraction={natural_fraction} not in [0, 1]")
         if not 0.0 <= random_erasing <= 1.0:
             raise UserError(f"ProceduralPairs: random_erasing={random_erasing} not in [0, 1]")
-        self.size, self.seed, self.n_psf = int(size), int(seed), int(n_psf)
+        self.size, self.seed, self.split, self.n_psf = int(size), int(seed), split, int(n_psf)
+        self.frame = int(frame) if frame is not None else self.size
         self.natural_fraction, self.ghosts = float(natural_fraction), bool(ghosts)
         self.random_erasing = float(random_erasing)
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # -- public contract --------------------------------------------------------------------------
+    def sample_seeds(self, indices: Sequence[int], epoch: int = 0) -> list[int]:
+        """The seed of each sample (its RNG draws, its erasing box): `split_seed(split, seed,
+        epoch, index)`."""
+        return [split_seed(self.split, self.seed, epoch, int(i)) for i in indices]
+
     def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu",
               epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input, gt, flare), each (B, 3, S, S) float32 in [0, 1] on `device`; the input
-        randomly erased when `random_erasing` > 0 (box from each sample's seed)."""
+        """Training pairs (input, gt, flare), each (B, 3, S, S) float32 in [0, 1] on `device`;
+        the input randomly erased when `random_erasing` > 0 (box from each sample's seed).
+        Refused for the test split: test images are never training pairs."""
+        if self.split == "test":
+            raise UserError("ProceduralPairs: the test split renders test sets only; training "
+                            f"pairs come from one of {', '.join(TRAINING_SPLITS)}")
         r = self.render(indices, device, epoch)
         if self.random_erasing == 0:
             return r.input, r.gt, r.flare
         idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
-        seeds = [sample_seed(self.seed, i, epoch) for i in idx]
-        return random_erase(r.input, seeds, self.random_erasing), r.gt, r.flare
+        return random_erase(r.input, self.sample_seeds(idx, epoch), self.random_erasing), r.gt, r.flare
 
     def render(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu",
                epoch: int = 0) -> Rendered:
@@ -274,12 +357,11 @@ class ProceduralPairs:
         idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         if not idx:
             raise ValueError("render: empty batch of indices")
-        seeds = [sample_seed(self.seed, i, epoch) for i in idx]
-        p = _stack([self._params(s) for s in seeds], device)
+        p = _stack([self._params(s) for s in self.sample_seeds(idx, epoch)], device)
         psfs, scenes, noise = self._banks(device)
 
-        scene = self._scene(p, scenes, noise)  # (B, 3, S, S) linear
-        light, streak, halo = self._lights_and_scatter(p, psfs)  # each (B, 3, S, S) linear
+        scene = self._scene(p, scenes, noise)  # (B, 3, F, F) linear
+        light, streak, halo = self._lights_and_scatter(p, psfs)  # each (B, 3, F, F) linear
         flare = streak + halo
         if self.ghosts:
             flare = flare + self._ghosts(p)
@@ -288,7 +370,7 @@ class ProceduralPairs:
 
         def encode(x: torch.Tensor) -> torch.Tensor:  # 8-bit levels, as written to PNG
             # 255 * x^(1/gamma) as exp(log(x) / gamma + log(255)): 2x faster than pow on CPU.
-            y = x.clamp(0, 1).log_().mul_(1 / gamma).add_(math.log(255)).exp_()
+            y = self._crop(x, p).clamp(0, 1).log_().mul_(1 / gamma).add_(math.log(255)).exp_()
             return y.add_(0.5).floor_().div_(255)
 
         gt_lin = scene + light
@@ -299,7 +381,16 @@ class ProceduralPairs:
         streak_m = (streak_l >= MASK_THRESHOLDS["streak"] ** g1) & (streak_l >= _luma(halo))
         glare_m = _luma(flare) >= MASK_THRESHOLDS["glare"] ** g1
         return Rendered(input=encode(gt_lin + flare), gt=encode(gt_lin), flare=encode(flare),
-                        streak=streak_m, glare=glare_m, light=light_m)
+                        streak=self._crop(streak_m, p), glare=self._crop(glare_m, p),
+                        light=self._crop(light_m, p))
+
+    def _crop(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        """The S x S crop of each sample of (B, ..., F, F) at its `frame_at` offset."""
+        if self.frame == self.size:
+            return x
+        s = self.size
+        return torch.stack([x[j, ..., top:top + s, left:left + s]
+                            for j, (top, left) in enumerate(p["frame_at"].long().tolist())])
 
     # -- sampling ---------------------------------------------------------------------------------
     def _params(self, sample: int) -> dict[str, object]:
@@ -322,14 +413,17 @@ class ProceduralPairs:
         def choice(n: int) -> float:
             return float(min(int(u(0, n)), n - 1))
 
+        def chi2_1() -> float:  # chi-squared, 1 degree of freedom: a squared standard normal
+            r, angle = math.sqrt(-2 * math.log(max(u(0, 1), 1e-12))), u(0, 2 * math.pi)
+            return (r * math.cos(angle)) ** 2  # Box-Muller
+
         n_lights = 1 + int(u(0, 1) < 0.5) + int(u(0, 1) < 0.3)
         q = {
             "natural": float(u(0, 1) < self.natural_fraction),
-            # natural scene: which photo, crop (scale, centre), flips, night grading
-            "photo": choice(len(SKIMAGE_SCENES)),
+            # natural scene: which photo, crop (scale, centre), flips, grading
+            "photo": choice(len(SCENES[scene_split(self.split)])),
             "crop": [u(0.35, 1.0), u(-1, 1), u(-1, 1)],
             "flip": [-1.0 if u(0, 1) < 0.5 else 1.0 for _ in range(2)],
-            "exposure": log_u(0.03, 0.18),
             "desat": u(0.2, 0.7),
             "tint": [u(0.7, 1.0), u(0.75, 0.95), u(0.6, 1.0)],
             "crush": u(1.0, 1.5),
@@ -343,7 +437,7 @@ class ProceduralPairs:
                           for _ in range(12)],
             "window": [u(0.012, 0.03), u(0.015, 0.035), u(0.15, 0.5), u(0.05, 0.35)],
             "ground": u(0.004, 0.02),
-            # light sources: position (-1..1), radius (fraction of S), aspect, angle, radiance,
+            # light sources: position (-1..1), radius (fraction of F), aspect, angle, radiance,
             # colour
             "l_on": [float(i < n_lights) for i in range(MAX_LIGHTS)],
             "l_pos": [us(-0.75, 0.75, 2) for _ in range(MAX_LIGHTS)],
@@ -368,13 +462,16 @@ class ProceduralPairs:
             "g_angle": u(0, math.pi),
             "g_level": [log_u(0.004, 0.03) for _ in range(MAX_GHOSTS)],
             "g_tint": [[u(0.4, 1.0), u(0.6, 1.0), u(0.4, 1.0)] for _ in range(MAX_GHOSTS)],
-            # camera: gamma, noise levels; which window of the noise bank (offset, transpose,
-            # channel roll, sign)
-            "gamma": u(2.0, 2.4),
-            "shot": u(0.0005, 0.004),
-            "read": u(0.001, 0.006),
-            "noise_at": [choice(self.size + 1), choice(self.size + 1), choice(2), choice(3),
+            # camera (Flare7K's): gain, noise sigma, gamma; then the night exposure; which
+            # window of the noise bank (offset, transpose, channel roll, sign)
+            "gain": u(0.5, 1.2),
+            "sigma": 0.01 * chi2_1(),
+            "gamma": u(1.8, 2.2),
+            "exposure": log_u(*EXPOSURE),
+            "noise_at": [choice(self.frame + 1), choice(self.frame + 1), choice(2), choice(3),
                          choice(2)],
+            # where the S x S crop sits in the F x F frame (top, left)
+            "frame_at": [choice(self.frame - self.size + 1), choice(self.frame - self.size + 1)],
         }
         q["window_tex"] = draws[_N_SCALARS:_N_SCALARS + 64 * 64].view(64, 64)
         # Stars: pixel positions (x, y) in [0, 1), about 0.15% of the pixels.
@@ -382,29 +479,30 @@ class ProceduralPairs:
         return q
 
     def _n_stars(self) -> int:
-        return max(1, round(0.0015 * self.size * self.size))
+        return max(1, round(0.0015 * self.frame * self.frame))
 
     def _banks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(PSF bank, scene bank, noise bank) on `device`, built once per object and device."""
         key = str(device)
         if key not in self._device_cache:
-            side = 128 if self.size <= 128 else 256 if self.size <= 256 else 512
-            self._device_cache[key] = (_psf_bank(min(PSF_SIDE, 2 * self.size), self.seed,
-                                                 self.n_psf).to(device),
-                                       _scene_bank(side).to(device),
-                                       _noise_bank(self.size, self.seed).to(device))
+            f = self.frame
+            side = 128 if f <= 128 else 256 if f <= 256 else 512
+            self._device_cache[key] = (
+                _psf_bank(min(PSF_SIDE, 2 * f), self.split, self.seed, self.n_psf).to(device),
+                _scene_bank(side, scene_split(self.split)).to(device),
+                _noise_bank(f, self.split, self.seed).to(device))
         return self._device_cache[key]
 
-    # -- components -------------------------------------------------------------------------------
+    # -- components: rendered at the frame side F (written S in their shapes and comments) -------
     def _axis(self, device: torch.device) -> torch.Tensor:
-        """Pixel-centre coordinates (S,) in (0, 1)."""
-        return (torch.arange(self.size, device=device, dtype=torch.float32) + 0.5) / self.size
+        """Pixel-centre coordinates (F,) in (0, 1) across the frame."""
+        return (torch.arange(self.frame, device=device, dtype=torch.float32) + 0.5) / self.frame
 
     def _scene(self, p: dict, scenes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Night scene plus sensor noise, (B, 3, S, S) linear radiance >= 0."""
-        b, s = p["gamma"].shape[0], self.size
+        """Night scene with Flare7K's gain and noise, (B, 3, F, F) linear radiance >= 0."""
+        b, s = p["gamma"].shape[0], self.frame
         device = scenes.device
-        scene = torch.empty(b, 3, s, s, device=device)
+        scene = torch.empty(b, 3, s, s, device=device)  # at the scene's normal exposure
         nat = p["natural"] > 0.5
 
         def select(mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -414,23 +512,25 @@ class ProceduralPairs:
             scene[nat] = self._photo(select(nat), scenes)
         if (~nat).any():
             stars = [p["stars"][i] for i in (~nat).nonzero()[:, 0].tolist()]
-            scene[~nat] = self._street(select(~nat), device, stars)
+            scene[~nat] = self._street(select(~nat), device, stars) / STREET_EXPOSURE
         ax = self._axis(device) - 0.5
         scene = scene * (1 - 0.35 * (ax.view(1, 1, -1) ** 2 + ax.view(1, -1, 1) ** 2))  # vignetting
-        # Sensor noise (signal-dependent + read noise), shared by gt and input so that input >= gt:
-        # a window of the seed's (3, 2S, 2S) Gaussian bank, transposed / channel-rolled / negated
-        # per sample (cheaper than drawing 3 S^2 normals per sample).
+        # Flare7K's camera on the normally exposed scene: gain, then Gaussian noise shared by gt
+        # and input (so input >= gt), a window of the split's (3, 2F, 2F) Gaussian bank,
+        # transposed / channel-rolled / negated per sample (cheaper than 3 F^2 normals each).
         windows = []
         for ox, oy, tr, roll, neg in p["noise_at"].long().tolist():
             w = noise[:, oy:oy + s, ox:ox + s]
             w = w.transpose(1, 2) if tr else w
             windows.append(w.roll(roll, 0).neg() if neg else w.roll(roll, 0))
-        sigma = torch.sqrt(p["shot"].view(-1, 1, 1, 1) * scene + p["read"].view(-1, 1, 1, 1) ** 2)
-        return scene.addcmul_(sigma, torch.stack(windows)).clamp_(min=0)
+        scene = scene.mul_(p["gain"].view(-1, 1, 1, 1))
+        scene = scene.addcmul_(p["sigma"].view(-1, 1, 1, 1), torch.stack(windows)).clamp_(min=0)
+        return scene.mul_(p["exposure"].view(-1, 1, 1, 1))  # down to night
 
     def _photo(self, p: dict, scenes: torch.Tensor) -> torch.Tensor:
-        """A bundled photo cropped, flipped and graded to night, (B, 3, S, S) linear."""
-        b, s = p["gamma"].shape[0], self.size
+        """A bundled photo cropped, flipped and graded (desaturated, shadows crushed, tinted),
+        (B, 3, F, F) linear at its normal exposure."""
+        b, s = p["gamma"].shape[0], self.frame
         scale, cx, cy = p["crop"].unbind(1)
         theta = torch.zeros(b, 2, 3, device=scenes.device)
         theta[:, 0, 0] = scale * p["flip"][:, 0]
@@ -441,8 +541,8 @@ class ProceduralPairs:
                               padding_mode="reflection", align_corners=False)
         luma = _luma(photo)[:, None]
         d = p["desat"].view(-1, 1, 1, 1)
-        photo = (photo * (1 - d) + luma * d).log_().mul_(p["crush"].view(-1, 1, 1, 1)).exp_()
-        return photo.mul_(p["tint"].view(-1, 3, 1, 1) * p["exposure"].view(-1, 1, 1, 1))
+        photo = (photo * (1 - d) + luma * d).clamp_(min=1e-12).log_()
+        return photo.mul_(p["crush"].view(-1, 1, 1, 1)).exp_().mul_(p["tint"].view(-1, 3, 1, 1))
 
     def _street(self, p: dict, device: torch.device, stars: list[torch.Tensor]) -> torch.Tensor:
         """Procedural night street, (B, 3, S, S) linear radiance; stars: per sample (n, 2)
@@ -450,7 +550,7 @@ class ProceduralPairs:
 
         Sky, ground, building columns and window rows are separable in x and y, so they are
         computed on (B, ., S, 1) / (B, ., 1, S) vectors and only combined at full resolution."""
-        b, s = p["gamma"].shape[0], self.size
+        b, s = p["gamma"].shape[0], self.frame
         ax = self._axis(device)
         xs, ys = ax.view(1, 1, s), ax.view(1, s, 1)  # x along a row, y down a column
         h = p["horizon"].view(-1, 1, 1)
@@ -498,7 +598,7 @@ class ProceduralPairs:
         The lights are 1-4 px discs, so each one's flare is the flare kernel placed at its centre
         and scaled by its energy (the convolution of a point): the PSF resampled straight onto the
         image grid, and the halo evaluated in closed form. Work is per light that is on."""
-        b, s = p["gamma"].shape[0], self.size
+        b, s = p["gamma"].shape[0], self.frame
         device = p["gamma"].device
         bi, li = (p["l_on"] > 0.5).nonzero(as_tuple=True)  # (N,): sample-major, lights in order
         pos = p["l_pos"][bi, li]  # (N, 2) in [-1, 1]
@@ -560,7 +660,7 @@ class ProceduralPairs:
 
         A regular n-gon's edge distance is the largest projection on its edge normals; each
         ghost is drawn in a patch around its centre."""
-        b, s = p["gamma"].shape[0], self.size
+        b, s = p["gamma"].shape[0], self.frame
         device = p["gamma"].device
         bi, gi = (p["g_on"] > 0.5).nonzero(as_tuple=True)
         if bi.numel() == 0:
@@ -642,8 +742,9 @@ def _stack(params: list[dict[str, object]], device: torch.device) -> dict[str, t
 # Dataset on disk
 # ----------------------------------------------------------------------------------------------
 def generate_dataset(out_dir: str | os.PathLike, n: int, size: int, seed: int,
-                     chunk: int = 8) -> Path:
-    """Write `n` procedural test pairs as PNGs in the Flare7K++ test layout.
+                     chunk: int = 8, split: str = "test") -> Path:
+    """Write `n` procedural test pairs (whole frames of `split`) as PNGs in the Flare7K++ test
+    layout.
 
     Layout: `out_dir/{input,gt,mask}/NNNNNN.png` (same stem in all three folders; gt keeps the
     light source; mask in Flare7K colours) plus `out_dir/synthetic.json` with the arguments.
@@ -652,7 +753,7 @@ def generate_dataset(out_dir: str | os.PathLike, n: int, size: int, seed: int,
     if n < 1:
         raise UserError(f"generate_dataset: n={n} must be >= 1")
     out = Path(out_dir)
-    pairs = ProceduralPairs(size, seed)
+    pairs = ProceduralPairs(size, seed, split=split)
     for start in range(0, n, chunk):
         idx = list(range(start, min(n, start + chunk)))
         r = pairs.render(idx, "cpu")
@@ -662,7 +763,7 @@ def generate_dataset(out_dir: str | os.PathLike, n: int, size: int, seed: int,
             write_png(out / "input" / stem, to_uint8(r.input[j]))
             write_png(out / "gt" / stem, to_uint8(r.gt[j]))
             write_png(out / "mask" / stem, masks[j])
-    atomic_write_json(out / "synthetic.json", {"n": n, "size": size, "seed": seed,
+    atomic_write_json(out / "synthetic.json", {"n": n, "size": size, "seed": seed, "split": split,
                                                "generator": GENERATOR})
     return out
 
@@ -672,9 +773,10 @@ def _masks_uint8(r: Rendered) -> list[np.ndarray]:
                        r.light[j].cpu().numpy()) for j in range(r.input.shape[0])]
 
 
-def contact_sheet(path: str | os.PathLike, size: int, seed: int, n: int = 4) -> None:
+def contact_sheet(path: str | os.PathLike, size: int, seed: int, n: int = 4,
+                  split: str = "test") -> None:
     """Write a PNG grid: rows input / gt / mask, one column per sample, 4 px gaps."""
-    r = ProceduralPairs(size, seed).render(list(range(n)), "cpu")
+    r = ProceduralPairs(size, seed, split=split).render(list(range(n)), "cpu")
     masks = _masks_uint8(r)
     gap = 4
     sheet = np.full((3 * size + 2 * gap, n * size + (n - 1) * gap, 3), 255, np.uint8)
@@ -694,11 +796,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=24, help="number of pairs")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="which stream to render (module docstring, Splits)")
     parser.add_argument("--contact-sheet", default=None, help="also write this PNG grid")
     args = parser.parse_args(argv)
-    out = generate_dataset(args.out, args.n, args.size, args.seed)
+    out = generate_dataset(args.out, args.n, args.size, args.seed, split=args.split)
     if args.contact_sheet:
-        contact_sheet(args.contact_sheet, args.size, args.seed)
+        contact_sheet(args.contact_sheet, args.size, args.seed, split=args.split)
     print(f"wrote {args.n} pairs to {out}")
 
 

@@ -17,12 +17,14 @@ their convex hull: G <= R (streak weight >= 0) and R + B <= 255 (weights sum to 
 `MASK_TOLERANCE` levels of slack for lossy re-encoding. White, green, cyan, magenta... are errors.
 
 `ensure_test_data(cfg)`: `cfg.test_data`, else `<data>/test_data/real` for Flare7K data, else a
-procedural test set (`cascade.data.synthetic`, seed `TEST_SEED`) cached under
-`<cache>/testsets/<name>-<hash>/`, the hash covering `config.TEST_FIELDS` and the generator
-version. It is built under an `io.file_lock` and published with one folder rename, so concurrent
-trials share one build and a build killed half-way leaves nothing that looks finished. The fixed
-seed means every trial of a sweep, whatever its seed, is scored on the same images, none of them
-shared with its training data.
+procedural test set (`cascade.data.synthetic`, the "test" split, seed `TEST_SEED`) cached under
+`<cache>/testsets/<name>-<hash>/`, the hash covering `config.TEST_FIELDS`, the split, the seed and
+the generator version. It is built under an `io.file_lock` and published with one folder rename,
+so concurrent trials share one build and a build killed half-way leaves nothing that looks
+finished. The fixed seed means every trial of a sweep, whatever its seed, is scored on the same
+images; the test split's own seed namespace and photographs (`synthetic.SCENES["test"]`) mean none
+of them shares a scene, crop source, PSF or flare with any training data, whatever the trial's
+seed (`TEST_SEED` included: a trial seed only ever selects a stream of the "train" split).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ if TYPE_CHECKING:
 
 FOLDERS = ("input", "gt", "mask")
 MASK_TOLERANCE = 8  # 8-bit levels of slack on the convex-hull test (lossy masks)
-TEST_SEED = 2000  # procedural test set
+TEST_SEED = 2000  # procedural test set: its seed in the "test" split (a namespace of its own)
+TEST_SPLIT = "test"
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,8 @@ class PairedTestSet:
 
 def test_key(cfg: TrialConfig) -> str:
     """Cache key of the procedural test set."""
-    return digest({k: getattr(cfg, k) for k in TEST_FIELDS} | {"test_seed": TEST_SEED,
-                                                               "generator": synthetic.GENERATOR})
+    return digest({k: getattr(cfg, k) for k in TEST_FIELDS} | {
+        "test_seed": TEST_SEED, "split": TEST_SPLIT, "generator": synthetic.GENERATOR})
 
 
 def ensure_test_data(cfg: TrialConfig) -> Path:
@@ -163,7 +166,8 @@ def ensure_test_data(cfg: TrialConfig) -> Path:
             # Build beside the target, publish with one rename: a half-written set is never seen.
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
             try:
-                synthetic.generate_dataset(tmp, n=cfg.n_test, size=cfg.test_size, seed=TEST_SEED)
+                synthetic.generate_dataset(tmp, n=cfg.n_test, size=cfg.test_size, seed=TEST_SEED,
+                                           split=TEST_SPLIT)
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

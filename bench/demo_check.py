@@ -1,0 +1,199 @@
+"""What the embedded default measures (issue 20): the checks behind docs/performance.md "The
+embedded default" and the README's demo paragraph. Prints one block per check.
+
+    python bench/demo_check.py noise                      # SSIM ceiling that noise alone leaves
+    python bench/demo_check.py base                       # the demo's base against identity
+    python bench/demo_check.py encoder                    # the demo encoder's held-out IoU
+    python bench/demo_check.py budget --sweep-dir DIR     # lambda_=1 cells vs the cascade at 0 steps
+    python bench/demo_check.py power --sweep-dir DIR      # minimum detectable differences
+
+`base`, `encoder` and `budget` build what is missing (cached, as `make sweep` does; set
+FLARESWEEP_CACHE to use a private cache). `budget` runs the 0-step cascade once into
+DIR/../zero_steps (cascade.train.train with steps=0: the base applied twice, what every cell
+starts from) and pairs the finished lambda_=1 trials of DIR with it per image (reports.stats).
+Not a bench_*.py: it measures quality, not speed, and needs a finished demo sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEMO = ROOT / "search_spaces" / "demo.yaml"
+
+
+def demo_config(**changes: object) -> object:
+    """The demo space's fixed config (a cascade trial, seed 0) with `changes`."""
+    from cascade.config import TrialConfig
+    from cascade.io import parse_yaml
+
+    fixed = parse_yaml(DEMO.read_text())["fixed"]
+    return TrialConfig.from_dict({**fixed, "k": 1, "lambda_": 1.0, **changes})
+
+
+def check_noise(n: int = 48, size: int = 64) -> None:
+    """SSIM of the noise-free ground truth against the noisy one, on the demo's test split, under
+    the camera models compared in cascade/data/synthetic.py's docstring."""
+    import torch
+
+    from cascade.data import synthetic as S
+    from cascade.data.testset import TEST_SEED
+    from cascade.metrics import ssim_map
+
+    pairs = S.ProceduralPairs(size, TEST_SEED, split="test")
+    idx = list(range(n))
+    p = S._stack([pairs._params(s) for s in pairs.sample_seeds(idx)], torch.device("cpu"))
+    psfs, scenes, noise = pairs._banks(torch.device("cpu"))
+    light, _, _ = pairs._lights_and_scatter(p, psfs)
+    clean = pairs._scene(p, scenes, torch.zeros_like(noise))  # night radiance, no noise
+    gamma = p["gamma"].view(-1, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(clean.shape, generator=g)
+
+    def encode(x: torch.Tensor) -> np.ndarray:
+        return ((x + light).clamp(0, 1) ** (1 / gamma) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+    def ceiling(noisy: torch.Tensor) -> float:
+        a, b = encode(clean), encode(noisy.clamp(min=0))
+        return float(np.mean([ssim_map(x, y)[0] for x, y in zip(a, b)]))
+
+    sigma = p["sigma"].view(-1, 1, 1, 1)
+    ours = pairs._scene(p, scenes, noise)
+    night = clean + sigma * z  # Flare7K's sigma added to the night radiance itself
+    # The generator before issue 20: shot U(0.0005, 0.004) x signal + read U(0.001, 0.006)^2.
+    shot = 0.0005 + 0.0035 * torch.rand(n, 1, 1, 1, generator=g)
+    read = 0.001 + 0.005 * torch.rand(n, 1, 1, 1, generator=g)
+    old = clean + torch.sqrt(shot * clean + read**2) * z
+    # Flare7K itself: its noise and gain on a normally exposed background (no night cut).
+    photo = scenes[torch.randint(0, scenes.shape[0], (n,), generator=g)]
+    photo = torch.nn.functional.interpolate(photo, size=(size, size), mode="area")
+    gain = p["gain"].view(-1, 1, 1, 1)
+    f_clean = (photo * gain).clamp(0, 1)
+    f_noisy = ((photo + sigma * z).clamp(0, 1) * gain)
+
+    def plain(x: torch.Tensor) -> np.ndarray:
+        return (x.clamp(0, 1) ** (1 / gamma) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+    flare7k = float(np.mean([ssim_map(x, y)[0] for x, y in zip(plain(f_clean), plain(f_noisy))]))
+    print(f"noise: SSIM(noise-free gt, noisy gt), {n} test-split images at {size} px")
+    print(f"  ours (Flare7K's sigma and gain at the normal exposure, then night): {ceiling(ours):.3f}")
+    print(f"  Flare7K's sigma added to the night radiance:                        {ceiling(night):.3f}")
+    print(f"  the generator before issue 20 (shot/read noise on the night scene):  {ceiling(old):.3f}")
+    print(f"  Flare7K on normally exposed photographs (its own setting):           {flare7k:.3f}")
+
+
+def check_base() -> None:
+    """The demo base's quality record (base.json), building the base if needed."""
+    from cascade import pretrain
+
+    cfg = demo_config()
+    path = pretrain.ensure_base(cfg)
+    meta = json.loads((path.parent / "base.json").read_text())
+    print(f"base: {path} (trained {meta['train_s']:.0f} s)")
+    print("  " + pretrain.quality_text(meta["quality"]))
+    for name in ("identity", "base"):
+        q = meta["quality"][name]
+        print(f"  {name:8s} PSNR entire {q['psnr_entire']:.2f} dB, outside the masks "
+              f"{q['psnr_outside']:.2f} dB; SSIM entire {q['ssim_entire']:.4f}, outside "
+              f"{q['ssim_outside']:.4f}")
+
+
+def check_encoder() -> None:
+    """The demo encoder's held-out IoU against its random initialisation."""
+    from cascade import demo_encoder
+
+    path = demo_encoder.ensure_demo_encoder()
+    meta = json.loads((path.parent / "encoder.json").read_text())
+    print(f"encoder: {path} (trained {meta['train_s']:.0f} s)")
+    for region in demo_encoder.REGIONS:
+        print(f"  {region:7s} held-out IoU {meta['heldout_iou'][region]:.3f}  "
+              f"(random init {meta['random_init_iou'][region]:.3f})")
+    print(f"  learned: {meta['learned']}")
+
+
+def check_budget(sweep_dir: Path) -> None:
+    """lambda_=1 cells against the same cascade at 0 steps, paired per image (95 % CIs)."""
+    import pandas as pd
+
+    from cascade.train import train
+    from reports import stats
+    from reports.collect import load_sweep
+
+    out = sweep_dir.parent / f"{sweep_dir.name}-zero_steps"
+    if not (out / "per_image.csv").is_file():
+        train(demo_config(steps=0), output_dir=out)
+    zero = pd.read_csv(out / "per_image.csv", dtype={"image": str}).assign(trial_id="zero-steps")
+    zero["image"] = zero["image"].map(lambda s: Path(s).stem)
+    sweep = load_sweep(sweep_dir)
+    wide = stats.per_image_wide(pd.concat([sweep.per_image, zero], ignore_index=True))
+    cells = sweep.cells[(sweep.cells["kind"] == "cascade") & (sweep.cells["status"] == "done")]
+    print(f"budget: lambda_=1 cells minus the cascade at 0 steps ({out}), paired per image")
+    for k in (1, 2):
+        group = cells[(cells["k"] == k) & np.isclose(cells["lambda_"].astype(float), 1.0)]
+        trials = [(t, None) for t in group["trial_id"].drop_duplicates()]
+        if not trials:
+            continue
+        diffs = stats.paired_differences(wide, trials, {None: "zero-steps"})
+        for row in stats.diff_rows(diffs):
+            if row["metric"] in ("psnr_entire", "ssim_entire", "psnr_streak", "psnr_glare"):
+                moved = "moved" if row["excludes_zero"] else "NOT moved"
+                print(f"  k={k} {row['metric']:12s} {row['diff']:+.4f} [{row['ci_low']:+.4f}, "
+                      f"{row['ci_high']:+.4f}] over {row['n_images']} images, {len(trials)} seed(s): "
+                      f"{moved}")
+
+
+def check_power(sweep_dir: Path) -> None:
+    """Per region and metric: the median MDE over the cells and what the paper's effects need."""
+    import pandas as pd
+
+    from reports import stats
+    from reports.collect import load_sweep
+    from reports.figures import power_lines
+    from reports.table1 import diff_frame
+
+    sweep = load_sweep(sweep_dir)
+    diffs = diff_frame(sweep)
+    if "mde" not in diffs:  # reports.table1 does not carry POWER_COLUMNS yet: recompute them
+        rows = []
+        refs = sweep.cells[(sweep.cells["kind"] == "reference") & (sweep.cells["status"] == "done")]
+        references = {int(s): t for s, t in zip(refs["seed"], refs["trial_id"]) if pd.notna(s)}
+        wide = stats.per_image_wide(sweep.per_image)
+        cells = sweep.cells[(sweep.cells["kind"] == "cascade") & (sweep.cells["status"] == "done")]
+        for (k, lam), group in cells.groupby(["k", "lambda_"]):
+            trials = [(t, int(s)) for t, s in zip(group["trial_id"], group["seed"])]
+            trials = list(dict.fromkeys(trials))
+            for row in stats.diff_rows(stats.paired_differences(wide, trials, references)):
+                rows.append({"k": k, "lambda_": lam, "n_seeds": len(trials), **row})
+        diffs = pd.DataFrame(rows)
+    print("power:")
+    for line in power_lines(stats.power_summary(diffs)):
+        print("  " + line)
+    for row in diffs.itertuples(index=False):
+        if row.metric == "psnr_entire":
+            print(f"  k={row.k} lambda_={row.lambda_:g}: diff {row.diff:+.3f} dB "
+                  f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}], MDE {row.mde:.3f} dB, "
+                  f"sd_image {row.sd_image:.3f}, sd_seed {row.sd_seed:.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("check", choices=("noise", "base", "encoder", "budget", "power"))
+    parser.add_argument("--sweep-dir", type=Path, help="a finished demo sweep (budget, power)")
+    parser.add_argument("--size", type=int, default=64, help="image side of the noise check")
+    args = parser.parse_args(argv)
+    if args.check in ("budget", "power") and args.sweep_dir is None:
+        parser.error(f"{args.check} needs --sweep-dir")
+    {"noise": lambda: check_noise(size=args.size), "base": check_base, "encoder": check_encoder,
+     "budget": lambda: check_budget(args.sweep_dir),
+     "power": lambda: check_power(args.sweep_dir)}[args.check]()
+
+
+if __name__ == "__main__":
+    main()
