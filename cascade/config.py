@@ -170,7 +170,7 @@ class TrialConfig:
     # computes them. Bit-identical results either way on the CPU (tested). Its folder:
     # `stream_cache_dir` (a sweep passes `<results>/<sweep>/stream`), else `<cache>/stream`
     # (cascade.io.cache_dir); one subfolder per stream key.
-    stream_cache: bool = False
+    stream_cache: bool = True
     stream_cache_dir: str | None = None
 
     # ------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ class FrozenHalf:
 
 def module_digest(module: nn.Module | None) -> str | None:
     """16 hex digits of sha256 over a module's state dict (names, dtypes, shapes, bytes), layout-
-    independent (values in standard order); None for None. ViT-L: ~1.6 s on one CPU core."""
+    independent (values in standard order); None for None. ViT-L (303 M values): ~1 CPU-s."""
     if module is None:
         return None
     h = hashlib.sha256()

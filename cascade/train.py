@@ -259,7 +259,7 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
                         "loader, not the one the base was trained with", cfg.evaluated_base_kind,
                         cfg.data, data_loader(pairs), data_loader(pairs))
         stream = None
-        if cfg.stream_cache:
+        if cfg.stream_cache and start < cfg.steps:  # (a re-evaluation resumes at the last step)
             # gt, n and f(p)/f(n) of each step from the stream cache, shared with the trials of
             # the same stream; the shards nobody wrote yet are computed here (cascade.stream_cache).
             from cascade.stream_cache import StreamCache

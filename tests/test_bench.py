@@ -28,6 +28,17 @@ TINY = {
                         "--set", "crop=32", "--set", "checkpoint_every=1", "--set", "base_cache={tmp}"],
                        r"(?m)^ray \d+ at once\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+"
                        r"\s+[\d.]+\s+[\d.e+-]+\s+[\d.]+x$"),
+    # stream cache off vs on: the paper's sweep counted at a toy size, then an 8-cell grid timed
+    # (the script exits non-zero if any cell's results differ between the two sides)
+    "bench_stream_cache.py": (["--set", "crop=32", "--set", "batch_size=2", "--set", "steps=3",
+                               "--set", "encoder=timm:test_vit", "--embed-dim", "8", "--depth", "1",
+                               "--eval-size", "32", "--n-eval", "2", "--steps", "3", "--crop", "32",
+                               "--batch", "2", "--encoder", "timm:test_vit", "--flare-side", "256",
+                               "--fake-flares", "2", "--base-steps", "2", "--n-test", "2",
+                               "--test-size", "32", "--workdir", "{tmp}"],
+                              r"(?m)^flops sweep: off [\d.e+-]+ TFLOP, on [\d.e+-]+ TFLOP, on/off "
+                              r"0\.\d+x \(12 cells\)$[\s\S]*^time grid: off [\d.]+ CPU-s, on [\d.]+ "
+                              r"CPU-s, on/off [\d.]+x \(8 cells, results identical\)$"),
 }
 
 
