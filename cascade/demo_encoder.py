@@ -221,7 +221,7 @@ def train_demo_encoder(folder: Path) -> Path:
     mean, std = feature_stats(net)
     report = {"heldout_iou": iou, "random_init_iou": random_iou, "train_s": time.perf_counter() - t0,
               "learned": learned(iou, random_iou)}
-    log.info("demo encoder: held-out IoU %s (random init %s), %.0fs", _iou_text(iou),
+    log.info("demo encoder: held-out IoU %s; random init %s; %.0fs", _iou_text(iou),
              _iou_text(random_iou), report["train_s"])
     with atomic_path(folder / "encoder.pth") as tmp:
         torch.save({"net": net.state_dict(), "feature_mean": mean, "feature_std": std,

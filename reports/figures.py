@@ -29,7 +29,7 @@ from matplotlib.patches import Patch
 from cascade.io import IMAGE_SUFFIXES, atomic_path
 from cascade.masks import region_weights
 from reports.collect import DIFF_SCALE, METRICS, SweepResults, demo_reasons
-from reports.stats import LEVEL, POWER, POWER_COLUMNS, cell_differences, power_summary
+from reports.stats import LEVEL, POWER, power_summary
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,6 @@ def write_figures(sweep: SweepResults, table: pd.DataFrame, diffs: pd.DataFrame,
     written: list[Path] = []
     banner = _demo_banner(table)
     note = encoder_note(sweep)
-    if len(diffs) and "mde" not in diffs:  # a diff frame without POWER_COLUMNS: add them
-        power = cell_differences(sweep.cells, sweep.per_image, n_resamples=50)
-        if len(power):
-            keep = ["k", "lambda_", "metric", *POWER_COLUMNS]
-            diffs = diffs.merge(power[keep].assign(k=power["k"].astype("Int64")),
-                                on=["k", "lambda_", "metric"], how="left")
     if (table["method"] == "cascade").any() and table[list(METRICS)].notna().any().any():
         written += _save(metric_vs_lambda(table, banner=banner, note=note), out_dir,
                          "metric_vs_lambda")
@@ -250,6 +244,10 @@ def _count(value: float) -> str:
     return f"{int(value):,}"
 
 
+def _seeds(value: float) -> str:
+    return f"{_count(value)} seed" + ("" if value == 1 else "s")
+
+
 def _effect(value: float, metric: str) -> str:
     return f"{value:g} dB" if metric.startswith("psnr") else f"{value:g} SSIM"
 
@@ -271,9 +269,9 @@ def power_lines(power: pd.DataFrame) -> list[str]:
         unit = " dB" if kind == "psnr" else ""
         mde = f"{row.mde:.3g}{unit}" if kind == "psnr" else f"{row.mde:.2g}"
         parts.append(f"{kind.upper()} {region}: MDE {mde}; {_effect(row.effect_large, row.metric)}: "
-                     f"{_count(row.n_images_large)} img / {_count(row.n_seeds_large)} seeds; "
+                     f"{_count(row.n_images_large)} img / {_seeds(row.n_seeds_large)}; "
                      f"{_effect(row.effect_small, row.metric)}: {_count(row.n_images_small)} img / "
-                     f"{_count(row.n_seeds_small)} seeds")
+                     f"{_seeds(row.n_seeds_small)}")
     return lines + parts
 
 

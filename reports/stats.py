@@ -288,29 +288,3 @@ def power_summary(diffs: pd.DataFrame) -> pd.DataFrame:
                      "effect_large": float(sub["effect_large"].iloc[0]),
                      **{c: float(sub[c].min()) for c in sizes}})
     return pd.DataFrame(rows)
-
-
-def cell_differences(cells: pd.DataFrame, per_image: pd.DataFrame, *, n_resamples: int = N_RESAMPLES,
-                     seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
-    """`diff_rows` of every finished cascade (k, lambda_) against the references, per seed.
-
-    Args:
-        cells: `SweepResults.cells`; per_image: `SweepResults.per_image`.
-    Returns:
-        Columns k, lambda_, n_seeds and `diff_rows`' keys (with POWER_COLUMNS), one row per
-        cell and metric; what `reports.table1.diff_frame` computes, for callers that need the
-        power columns from the same pairing.
-    """
-    done = cells[cells["status"] == "done"]
-    refs = done[done["kind"] == "reference"]
-    references = {(None if pd.isna(s) else int(s)): t for s, t in zip(refs["seed"], refs["trial_id"])}
-    wide = per_image_wide(per_image)
-    rows = []
-    ours = done[done["kind"] == "cascade"]
-    for (k, lambda_), group in ours.groupby(["k", "lambda_"], sort=True):
-        group = group.drop_duplicates("trial_id")
-        trials = [(t, None if pd.isna(s) else int(s)) for t, s in zip(group["trial_id"], group["seed"])]
-        for row in diff_rows(paired_differences(wide, trials, references), n_resamples=n_resamples,
-                             seed=seed):
-            rows.append({"k": int(k), "lambda_": float(lambda_), "n_seeds": len(trials), **row})
-    return pd.DataFrame(rows)

@@ -127,8 +127,9 @@ def diff_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
     """Δ vs the reference per cascade row and metric, with paired bootstrap CIs over images.
 
     Columns: method, k, lambda_, metric, diff (ours - reference; mean over paired images of
-    the per-seed differences), ci_low, ci_high (95%), n_images, n_seeds, excludes_zero.
-    Rows without a finished trial (or reference) keep NaN.
+    the per-seed differences), ci_low, ci_high (95%), n_images, n_seeds, excludes_zero, then
+    `stats.POWER_COLUMNS` (sd over images and seeds, minimum detectable difference, the images /
+    seeds the paper's effect sizes need). Rows without a finished trial (or reference) keep NaN.
     """
     cells = sweep.cells
     refs = cells[(cells["kind"] == "reference") & (cells["status"] == "done")]
@@ -146,7 +147,7 @@ def diff_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
             rows.append({"method": key[0], "k": key[1], "lambda_": key[2], **row,
                          "n_seeds": len(trials)})
     columns = ["method", "k", "lambda_", "metric", "diff", "ci_low", "ci_high", "n_images",
-               "n_seeds", "excludes_zero"]
+               "n_seeds", "excludes_zero", *stats.POWER_COLUMNS]
     frame = pd.DataFrame(rows, columns=columns)
     frame["k"] = frame["k"].astype("Int64")
     return frame

@@ -232,6 +232,9 @@ def test_diff_ci_finds_the_built_in_effects(sweep):
     assert ssim["diff"] == pytest.approx(-0.002, abs=5e-4) and ssim["excludes_zero"]
     zero = diffs.loc[(1, 0.0, "psnr_entire")]  # λ=0: no effect, noise only
     assert zero["ci_low"] < 0 < zero["ci_high"] and not zero["excludes_zero"]
+    # diff.csv carries what the sweep could detect: noise sd 0.05 per image, 12 images, 2 seeds
+    assert big["sd_image"] < 0.1 and 0 < big["mde"] < 0.30 and big["effect_large"] == 0.3
+    assert big["n_images_large"] <= 12  # the built-in 0.3 dB needs no more images than it has
 
 
 def test_paper_alignment_renames_lambda(sweep):
@@ -254,6 +257,7 @@ def test_build_reports_writes_everything_atomically(tmp_path, monkeypatch):
     written = build_reports(sweep_dir)
     names = sorted(p.name for p in written)
     assert names == ["diff.csv", "diff.tex", "paper_vs_ours.csv", "table1.csv", "table1.tex"]
+    assert {"mde", "n_images_small", "n_seeds_large"} <= set(pd.read_csv(sweep_dir / "diff.csv").columns)
     assert all(p.stat().st_size > 0 for p in written)
     assert not list(sweep_dir.glob(".*tmp"))  # no temporary file left behind
     assert "paper_vs_ours.csv" not in [p.name for p in build_reports(sweep_dir, paper=False)]
