@@ -14,6 +14,7 @@ experiment state is not used for resuming (see `_run_tuner`).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import logging
 import os
@@ -143,7 +144,10 @@ def run_sweep(space: SweepSpace, opts: RunOptions) -> Outcome:
                 asked = load_plan(space, run.record).new_samples(space) + resumed
                 if asked:
                     ran = _run_tuner(run, None)
-                    sampled = [c for c, _ in load_plan(space, run.record).sampled]
+                    searched = load_plan(space, run.record)
+                    # The samples were appended one by one while they ran; sweep.json takes them in.
+                    write_plan(space, run.record, searched)
+                    sampled = [c for c, _ in searched.sampled]
                     interrupted = ran < asked or cut_short(run.record, sampled)
         finally:
             if owns_ray:
@@ -323,8 +327,11 @@ def _run_tuner(run: _Run, cells: list[Cell] | None) -> int:
     space = run.space
     configs = [c.config for c in cells] if cells is not None else [space.search_probe()]
     resources = _check_cluster(run, configs)
+    # Trials need the space's fixed fields and fingerprints, not its grid: Ray hands the
+    # parameters to every trial start, and a trial's config carries its own cell.
     trainable = tune.with_parameters(
-        _trainable, space=space, sweep_dir=str(run.record.root), run_id=run.run_id,
+        _trainable, space=dataclasses.replace(space, cells=()), sweep_dir=str(run.record.root),
+        run_id=run.run_id,
         train_fn=_OnAssignedDevices(run.opts.train_fn, _trial_env()),
         metric=space.search.metric if cells is None else None)
     trainable = tune.with_resources(trainable, resources)
@@ -338,12 +345,19 @@ def _run_tuner(run: _Run, cells: list[Cell] | None) -> int:
         # The space's cap only: one from the cluster's resources at start-up would keep an
         # autoscaling cluster that starts small at one trial (Ray queues what does not fit yet).
         "max_concurrent_trials": space.max_concurrent,
-        "trial_name_creator": lambda trial: _cell_of(trial.config, space).trial_id,
-        "trial_dirname_creator": lambda trial: f"{_cell_of(trial.config, space).trial_id}-{trial.trial_id}",
+        # Module-level functions of the config: Tune pickles both for every trial it creates and
+        # into every trial's state (`Trial.get_json_state`); closures over the space put the whole
+        # grid into each trial (2.7 GB in the driver at 1000 trials, docs/performance.md).
+        "trial_name_creator": _trial_name,
+        "trial_dirname_creator": _trial_dirname,
     }
+    pending: dict[str, str] = {}
     if cells is not None:
-        param_space = {"cell": tune.grid_search([{"config": c.config.to_dict(),
-                                                   "fingerprints": c.fingerprints} for c in cells])}
+        param_space: dict[str, Any] = {}
+        tune_config.update(search_alg=_grid_searcher(cells), num_samples=len(cells))
+        import ray
+
+        pending = _grid_pending(space.max_concurrent, ray.cluster_resources().get("CPU", 1.0))
     else:
         param_space, search_config = _search_setup(run)
         tune_config.update(search_config)
@@ -351,7 +365,7 @@ def _run_tuner(run: _Run, cells: list[Cell] | None) -> int:
         trainable, param_space=param_space, tune_config=tune.TuneConfig(**tune_config),
         run_config=tune.RunConfig(
             name=f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}-{run.run_id[:6]}",
-            storage_path=run.storage, verbose=0, callbacks=[_progress_callback(run)],
+            storage_path=run.storage, verbose=0, callbacks=[_progress_callback(run, cells)],
             failure_config=tune.FailureConfig(max_failures=space.max_failures)))
     # Trial failures are reported by the progress callback (with the error.json path); Ray's own
     # tracebacks and "Trials did not complete" would only repeat them, and its "Resume experiment
@@ -362,15 +376,81 @@ def _run_tuner(run: _Run, cells: list[Cell] | None) -> int:
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(_quiet_tune)
     on_sigint = signal.getsignal(signal.SIGINT)
+    os.environ.update(pending)
     try:
         return len(tuner.fit())
     finally:
+        for name in pending:
+            os.environ.pop(name, None)
         tune_logger.removeFilter(_quiet_tune)
         if threading.current_thread() is threading.main_thread():
             # Tune leaves its handlers installed, bound to a run that is over: a Ctrl-C (or a
             # SIGTERM / SIGUSR1) between two Tuner runs must still stop the sweep.
             signal.signal(signal.SIGINT, on_sigint)
             _interrupt_on_signals()
+
+
+# Every Tune trial's config names its trial folder under this key (a grid cell's config and
+# fingerprints sit under "cell", a search trial's sampled values beside it): the driver names Tune's
+# trials and finds their cells by it, without rebuilding a TrialConfig per event.
+TRIAL_KEY = "trial_id"
+
+
+def _trial_name(trial: Any) -> str:
+    return trial.config[TRIAL_KEY]
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"{trial.config[TRIAL_KEY]}-{trial.trial_id}"
+
+
+def _grid_searcher(cells: list[Cell]) -> Any:
+    """The grid as a Tune Searcher that hands out one cell per trial, in plan order.
+
+    Not `tune.grid_search` over the cells: Tune's variant generator deep-copies the whole list of
+    values for every trial it makes (`_grid_search_generator` in ray/tune/search/
+    variant_generator.py), O(trials) per trial with a full config per cell (17 % of the driver's
+    time at 400 trials, growing with them; docs/performance.md, "Orchestrator scaling"). With a
+    `max_concurrent`, Tune queues that many trials ahead of a searcher (see `_grid_pending`).
+    """
+    from ray.tune.search import Searcher
+
+    class GridCells(Searcher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.todo = collections.deque(cells)
+
+        def __reduce__(self) -> tuple:  # Tune pickles its config into tuner.pkl; never read here
+            return (type(None), ())
+
+        def suggest(self, trial_id: str) -> dict | str:
+            if not self.todo:
+                return Searcher.FINISHED
+            cell = self.todo.popleft()  # its config dict made now: Tune keeps a copy per trial
+            return {TRIAL_KEY: cell.trial_id, "cell": {"config": cell.config.to_dict(),
+                                                       "fingerprints": cell.fingerprints}}
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                              error: bool = False) -> None:
+            pass
+
+        def save(self, checkpoint_path: str) -> None:  # Ray's experiment state is not resumed
+            Path(checkpoint_path).write_bytes(b"")
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+    return GridCells()
+
+
+def _grid_pending(max_concurrent: int | None, cluster_cpus: float) -> dict[str, str]:
+    """The environment under which Tune queues as many grid trials ahead as it did for its own
+    grid_search: with a searcher and no `max_concurrent`, Tune keeps one trial pending
+    (`_get_max_pending_trials`), so an autoscaling cluster (table1.yaml) would see the demand of
+    one trial at a time instead of max(200, 1.1 x CPUs). With a cap, Tune queues up to the cap."""
+    if max_concurrent or "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
+        return {}
+    return {"TUNE_MAX_PENDING_TRIALS_PG": str(max(200, int(cluster_cpus * 1.1)))}
 
 
 def _check_cluster(run: _Run, configs: list[TrialConfig]) -> dict[str, float]:
@@ -550,7 +630,7 @@ def _study_searcher(run: _Run, study: studies.Study, seed: int | None) -> Any:
                 tid = folder(config)
                 if tid not in self.known and tid not in self.live.values():
                     self.live[trial_id] = tid
-                    return config
+                    return {**config, TRIAL_KEY: tid}
                 twin = self._ot_trials.pop(trial_id)
                 twin.set_user_attr("duplicate_of", tid)
                 if tid in self.known:
@@ -626,12 +706,31 @@ def _recording_asha(stopped: set[str], **kwargs: Any) -> Any:
 
 
 def _cell_of(config: dict[str, Any], space: SweepSpace) -> Cell:
-    """The plan cell of a Tune trial config: a grid cell ({"cell": config, "fingerprints"}) or
+    """The plan cell of a Tune trial config: a grid cell ({"cell": {"config", "fingerprints"}}) or
     sampled values over the fixed fields, with the fingerprints the plan was made with."""
     if "cell" in config:
         return cell_for(TrialConfig.from_dict(config["cell"]["config"]),
                         fingerprints=config["cell"]["fingerprints"])
-    return cell_for(space.search_config(config), fingerprints=space.search_fingerprints)
+    sampled = {k: v for k, v in config.items() if k != TRIAL_KEY}
+    return cell_for(space.search_config(sampled), fingerprints=space.search_fingerprints)
+
+
+class _TrialCells:
+    """Tune trial -> its plan cell, in the driver: a grid cell looked up by the trial id its config
+    carries, a search sample built once (a TrialConfig and its hashes take about a millisecond;
+    the callback needs the cell on every event)."""
+
+    def __init__(self, space: SweepSpace, cells: list[Cell] | None) -> None:
+        self.space = space
+        self.plan = {c.trial_id: c for c in cells or ()}
+        self.by_trial: dict[str, Cell] = {}
+
+    def __call__(self, trial: Any) -> Cell:
+        cell = self.by_trial.get(trial.trial_id)
+        if cell is None:
+            cell = self.plan.get(trial.config.get(TRIAL_KEY)) or _cell_of(trial.config, self.space)
+            self.by_trial[trial.trial_id] = cell
+        return cell
 
 
 def _trainable(config: dict[str, Any], *, space: SweepSpace, sweep_dir: str, run_id: str,
@@ -666,9 +765,9 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
-def _progress_callback(run: _Run):
+def _progress_callback(run: _Run, cells: list[Cell] | None = None):
     """A Tune callback that hands each trial event to an orchestrator.progress.Board (console lines,
-    stopped.json / error.json only the driver can write, search samples into sweep.json).
+    stopped.json / error.json only the driver can write, new search samples into the plan).
 
     How a trial ended comes from Tune, not from a glance at its folder: on NFS a metrics.json or
     error.json another node renamed into place seconds ago can be invisible here, which would
@@ -676,23 +775,24 @@ def _progress_callback(run: _Run):
     A trial the scheduler stopped (`run.stopped`) is stopped; one that returned has its
     metrics.json, one that raised its error.json: the folder is re-read until it shows them
     (`_settled`, at most FLARESWEEP_SETTLE_S); only a trial whose process died gets its error.json
-    from the driver."""
+    from the driver. `cells`: the grid cells the Tuner runs (None: a search)."""
     from ray import tune
 
     space = run.space
     board = Board(space, run.record, load_plan(space, run.record), run.concurrency)
+    cell_of = _TrialCells(space, cells)
 
     class Progress(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
             sampled = None if "cell" in trial.config else {
                 p.name: trial.config[p.name] for p in space.search.params}
-            board.started(_cell_of(trial.config, space), sampled)
+            board.started(cell_of(trial), sampled)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            board.result(_cell_of(trial.config, space).trial_id, result.get("step"))
+            board.result(cell_of(trial).trial_id, result.get("step"))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            cell, last = _cell_of(trial.config, space), _scalars(trial.last_result or {})
+            cell, last = cell_of(trial), _scalars(trial.last_result or {})
             if trial.trial_id in run.stopped:  # the scheduler ended it: the Board marks it stopped
                 board.completed(cell.trial_id, last)
                 return
@@ -704,7 +804,7 @@ def _progress_callback(run: _Run):
                           f"is not visible here after {_settle_s():g}s; `status` will show it")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            cell, error = _cell_of(trial.config, space), str(trial.get_error() or "")
+            cell, error = cell_of(trial), str(trial.get_error() or "")
             if _raised(trial):  # run_trial wrote error.json before re-raising
                 status = _settled(run.record, cell, ("failed", "done"))
                 if status.state not in ("failed", "done"):
@@ -715,7 +815,7 @@ def _progress_callback(run: _Run):
             board.errored(cell.trial_id, error)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            board.say(f"  retry   {_cell_of(trial.config, space).trial_id} (failure "
+            board.say(f"  retry   {cell_of(trial).trial_id} (failure "
                       f"{trial.num_failures} of max_failures={space.max_failures})")
 
         def on_step_end(self, iteration, trials, **info):

@@ -1,7 +1,8 @@
 """A run's plan: the space's grid cells plus the search samples recorded so far, and what to run.
 
-The plan is written to `sweep.json` (through orchestrator.record) once per run and once per new
-search sample; `status`, `table1` and a resumed search read it back.
+The plan is written to `sweep.json` (through orchestrator.record) once per run and once at the end
+of a search; each new search sample is appended on its own (`add_sample`), so drawing one costs the
+same in a plan of 10 trials or 5000. `status`, `table1` and a resumed search read it back.
 """
 
 from __future__ import annotations
@@ -67,10 +68,19 @@ def load_plan(space: SweepSpace, record: SweepRecord) -> Plan:
 
 def write_plan(space: SweepSpace, record: SweepRecord, plan: Plan) -> None:
     """sweep.json: the plan's cells (search samples marked with their sampled values)."""
-    cells = [c.to_json() for c in plan.grid]
-    cells += [{**c.to_json(), "sampled": values} for c, values in plan.sampled]
+    cells = [c.to_json() for c in plan.grid] + [sample_entry(c, values) for c, values in plan.sampled]
     record.write_plan({"name": space.name, "space": str(space.path.resolve()),
                        "question": space.question, "cells": cells})
+
+
+def add_sample(record: SweepRecord, cell: Cell, values: dict[str, Any]) -> None:
+    """Record one new search sample without rewriting the plan (O(1) in the plan's size)."""
+    record.add_sample(sample_entry(cell, values))
+
+
+def sample_entry(cell: Cell, values: dict[str, Any]) -> dict[str, Any]:
+    """A search sample as sweep.json stores it: the cell with the values the search drew."""
+    return {**cell.to_json(), "sampled": values}
 
 
 def keys(cells: list[Cell]) -> list[tuple[str, str]]:
@@ -113,4 +123,4 @@ def cells_as_written(space_path: Path, record: SweepRecord, overrides: dict[str,
             raise
         return record.read_plan()["cells"]
     plan = load_plan(space, record)
-    return [c.to_json() for c in plan.grid] + [{**c.to_json(), "sampled": v} for c, v in plan.sampled]
+    return [c.to_json() for c in plan.grid] + [sample_entry(c, v) for c, v in plan.sampled]

@@ -12,32 +12,44 @@ from pathlib import Path
 from typing import Any
 
 from cascade.fmt import duration, psnr_text
-from orchestrator.plan import Plan, cells_as_written, keys, write_plan
+from orchestrator.plan import Plan, add_sample, cells_as_written, keys
 from orchestrator.record import STATES, SweepRecord, TrialStatus
 from orchestrator.space import Cell, SweepSpace, space_name
 
 SHIPPED_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 PROGRESS_EVERY_S = 30.0  # the progress line repeats at least this often while trials run
+REGIONS = ("entire", "streak", "glare")  # the regions whose best PSNR the progress line shows
+WAITING = ("pending", "interrupted", "trained")  # states of trials still to start
 
 
 def progress_line(statuses: list[TrialStatus], concurrency: int, elapsed_s: float | None = None) -> str:
     """One line a person can follow: counts, best-so-far PSNR per region, elapsed and ETA."""
     counts = {s: sum(t.state == s for t in statuses) for s in STATES}
-    todo = counts["pending"] + counts["interrupted"] + counts["trained"]
-    parts = [f"{counts['done']}/{len(statuses)} done", f"{counts['running']} running",
-             f"{counts['failed']} failed", f"{todo} pending"]
-    if counts["stopped"]:
-        parts.append(f"{counts['stopped']} stopped early")
+    return _line(counts, len(statuses), best_psnr(statuses), sweep_eta(statuses, concurrency),
+                 elapsed_s)
+
+
+def best_psnr(statuses: list[TrialStatus]) -> dict[str, float]:
+    """`psnr_<region>` -> the largest finite value among the statuses' metrics (regions that have one)."""
     best = {}
-    for region in ("entire", "streak", "glare"):
+    for region in REGIONS:
         values = [t.metrics.get(f"psnr_{region}") for t in statuses if t.metrics]
         values = [v for v in values if _finite(v)]
         if values:
             best[f"psnr_{region}"] = max(values)
-    line = " | ".join([", ".join(parts)]
-                      + (["best " + psnr_text(best, ("entire", "streak", "glare"))] if best else []))
+    return best
+
+
+def _line(counts: dict[str, int], total: int, best: dict[str, float], eta: float | None,
+          elapsed_s: float | None) -> str:
+    """The progress line from its parts (`progress_line` computes them, `Board` keeps them)."""
+    todo = counts["pending"] + counts["interrupted"] + counts["trained"]
+    parts = [f"{counts['done']}/{total} done", f"{counts['running']} running",
+             f"{counts['failed']} failed", f"{todo} pending"]
+    if counts["stopped"]:
+        parts.append(f"{counts['stopped']} stopped early")
+    line = " | ".join([", ".join(parts)] + (["best " + psnr_text(best, REGIONS)] if best else []))
     times = [f"elapsed {duration(elapsed_s)}"] if elapsed_s is not None else []
-    eta = sweep_eta(statuses, concurrency)
     if eta is not None and (todo or counts["running"]):
         times.append(f"ETA {duration(eta)}")
     return line + (" | " + ", ".join(times) if times else "")
@@ -49,14 +61,23 @@ def sweep_eta(statuses: list[TrialStatus], concurrency: int) -> float | None:
     A trial's duration is estimated as the mean over finished trials and running ones (elapsed +
     remaining); None before any trial has finished or reported progress.
     """
-    durations = [t.elapsed_s for t in statuses if t.state == "done" and t.elapsed_s]
-    durations += [t.elapsed_s + t.eta_s for t in statuses if t.state == "running" and t.eta_s is not None]
-    if not durations:
+    done = [t.elapsed_s for t in statuses if t.state == "done" and t.elapsed_s]
+    waiting = sum(t.state in WAITING for t in statuses)
+    return _eta(sum(done), len(done), [t for t in statuses if t.state == "running"], waiting,
+                concurrency)
+
+
+def _eta(done_s: float, done_n: int, running: list[TrialStatus], waiting: int,
+         concurrency: int) -> float | None:
+    """`sweep_eta` from its parts: the summed durations of `done_n` finished trials, the running
+    trials' states and the number of trials waiting to start."""
+    durations = [t.elapsed_s + t.eta_s for t in running if t.eta_s is not None]
+    n = done_n + len(durations)
+    if not n:
         return None
-    mean = sum(durations) / len(durations)
-    running = [t.eta_s if t.eta_s is not None else mean for t in statuses if t.state == "running"]
-    waiting = sum(t.state in ("pending", "interrupted", "trained") for t in statuses)
-    return (sum(running) + mean * waiting) / max(1, concurrency)
+    mean = (done_s + sum(durations)) / n
+    remaining = sum(t.eta_s if t.eta_s is not None else mean for t in running)
+    return (remaining + mean * waiting) / max(1, concurrency)
 
 
 def cell_label(cell: dict[str, Any]) -> str:
@@ -165,18 +186,28 @@ class Board:
     """The driver's view of a running sweep, updated per trial event (Ray-free; sweep.py's Tune
     callback feeds it).
 
-    States live in memory, read from the folder once at the start and per ended trial only, so an
-    event costs the same in a sweep of 10 trials or 5000. It prints a progress line on each change
-    of the counts and every PROGRESS_EVERY_S, and one line per ended trial; it writes what only the
-    driver can: stopped.json (the scheduler ended a trial), error.json (a trial's process died
-    before writing one), and new search samples into the plan.
+    States live in memory, read from the folder once at the start and per ended trial only, and
+    so do the progress line's parts (counts per state, best PSNR, summed durations, the running
+    trials): an event, a tick and a printed line cost the same in a sweep of 10 trials or 5000
+    (O(running trials), not O(trials)). It prints a progress line on each change of the counts and
+    every PROGRESS_EVERY_S, and one line per ended trial; it writes what only the driver can:
+    stopped.json (the scheduler ended a trial), error.json (a trial's process died before writing
+    one), and new search samples (appended to the plan, `plan.add_sample`).
     """
 
     def __init__(self, space: SweepSpace, record: SweepRecord, plan: Plan, concurrency: int) -> None:
-        self.space, self.record, self.plan, self.concurrency = space, record, plan, concurrency
+        self.space, self.record, self.concurrency = space, record, concurrency
         cells = plan.trials()
         self.eval_ids = {c.trial_id: c.eval_id for c in cells}
-        self.states = {c.trial_id: s for c, s in zip(cells, record.statuses(keys(cells)))}
+        self.sampled = {c.trial_id for c, _ in plan.sampled}  # search trials the plan records
+        self.states: dict[str, TrialStatus] = {}
+        self.counts = dict.fromkeys(STATES, 0)
+        self.best: dict[str, float] = {}
+        self._best_stale = False  # a status with metrics was replaced: recompute before printing
+        self.done_s, self.done_n = 0.0, 0  # summed wall time of the done trials that have one
+        self.running: dict[str, TrialStatus] = {}
+        for status in record.statuses(keys(cells)):
+            self._set(status)
         self.started_at, self.last_print, self.last_counts = time.time(), 0.0, None
         self.begun: dict[str, float] = {}
 
@@ -185,12 +216,12 @@ class Board:
 
     def started(self, cell: Cell, sampled: dict[str, Any] | None) -> None:
         """A trial started; `sampled`: the values a search drew for it (None for a grid cell)."""
-        if sampled is not None and (plan := self.plan.with_sample(cell, sampled)) is not self.plan:
-            self.plan = plan
-            write_plan(self.space, self.record, plan)
+        if sampled is not None and cell.trial_id not in self.sampled:
+            self.sampled.add(cell.trial_id)
+            add_sample(self.record, cell, sampled)
         self.eval_ids[cell.trial_id] = cell.eval_id
         self.begun[cell.trial_id] = time.time()
-        self.states[cell.trial_id] = TrialStatus(cell.trial_id, "running", steps=cell.config.steps)
+        self._set(TrialStatus(cell.trial_id, "running", steps=cell.config.steps))
         self.tick(force=True)
 
     def result(self, trial_id: str, step: Any) -> None:
@@ -198,8 +229,8 @@ class Board:
         steps = self.states[trial_id].steps if trial_id in self.states else None
         elapsed = time.time() - self.begun.get(trial_id, time.time())
         eta = elapsed * (steps - step) / step if isinstance(step, int) and step > 0 and steps else None
-        self.states[trial_id] = TrialStatus(trial_id, "running", step=step, steps=steps,
-                                            elapsed_s=elapsed, eta_s=eta)
+        self._set(TrialStatus(trial_id, "running", step=step, steps=steps, elapsed_s=elapsed,
+                              eta_s=eta))
 
     def completed(self, trial_id: str, last_result: dict[str, Any]) -> None:
         """Tune saw the trial end without an error: done, or stopped early by the scheduler."""
@@ -223,14 +254,45 @@ class Board:
     def tick(self, force: bool = False) -> None:
         """Print the progress line if the counts changed (with `force`) or PROGRESS_EVERY_S passed."""
         now = time.time()
-        counts = [s.state for s in self.states.values()]
+        counts = tuple(self.counts.values())
         if now - self.last_print < PROGRESS_EVERY_S and (not force or counts == self.last_counts):
             return
         self.last_print, self.last_counts = now, counts
-        line = progress_line(list(self.states.values()), self.concurrency, now - self.started_at)
-        self.say(f"[{self.space.name}] {line}")
+        self.say(f"[{self.space.name}] {self.line(now - self.started_at)}")
+
+    def line(self, elapsed_s: float | None = None) -> str:
+        """`progress_line` of the board's states, from the parts it keeps."""
+        if self._best_stale:
+            self.best, self._best_stale = best_psnr(list(self.states.values())), False
+        waiting = sum(self.counts[s] for s in WAITING)
+        eta = _eta(self.done_s, self.done_n, list(self.running.values()), waiting, self.concurrency)
+        return _line(self.counts, len(self.states), self.best, eta, elapsed_s)
+
+    def _set(self, status: TrialStatus) -> None:
+        """Replace a trial's state, keeping the line's parts up to date."""
+        old = self.states.get(status.trial_id)
+        if old is not None:
+            self._count(old, -1)
+        self.states[status.trial_id] = status
+        self._count(status, 1)
+
+    def _count(self, s: TrialStatus, sign: int) -> None:
+        self.counts[s.state] += sign
+        if s.state == "done" and s.elapsed_s:
+            self.done_s, self.done_n = self.done_s + sign * s.elapsed_s, self.done_n + sign
+        if s.state == "running":
+            if sign > 0:
+                self.running[s.trial_id] = s
+            else:
+                self.running.pop(s.trial_id, None)
+        if s.metrics and not self._best_stale:
+            if sign < 0:  # a maximum cannot forget a value: recompute when printing
+                self._best_stale = True
+            else:
+                for key, value in best_psnr([s]).items():
+                    self.best[key] = max(value, self.best.get(key, value))
 
     def _ended(self, status: TrialStatus, where: str = "") -> None:
-        self.states[status.trial_id] = status
+        self._set(status)
         self.say(event_line(status, where))
         self.tick(force=True)

@@ -8,6 +8,10 @@ disk"; every file in results/README.md). Everything that reads or writes it goes
     results/<sweep>/
       sweep.json                 the plan (layout 2): every cell with its trial id (training
                                  identity), eval id (evaluation identity), config, fingerprints
+      samples.jsonl              search samples drawn since sweep.json was last written, one
+                                 sweep.json cell a line (appended per sample: a rewrite of the
+                                 whole plan per sample cost O(trials)); sweep.json takes them in
+                                 at the end of the search and at the next run's start
       .lock, run.json            held / written by the `sweep.py run` in progress (.lock.lease
                                  on a network file system; run.json: heartbeat, then "ended")
       ray/                       Ray Tune's own experiment folders (never read back)
@@ -29,6 +33,7 @@ Stdlib and cascade's torch-free modules only: `status` and `table1` start in a t
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -78,8 +83,8 @@ class TrialStatus:
 class SweepRecord:
     """The results folder of one sweep: paths, the plan, trial states, and the files a run keeps.
 
-    The plan (`sweep.json`) is read once and cached; `write_plan` updates the cache, so a run never
-    re-reads what it wrote.
+    The plan (`sweep.json` plus the samples appended to `samples.jsonl`) is read once and cached;
+    `write_plan` and `add_sample` update the cache, so a run never re-reads what it wrote.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -90,6 +95,11 @@ class SweepRecord:
     @property
     def plan_path(self) -> Path:
         return self.root / "sweep.json"
+
+    @property
+    def samples_path(self) -> Path:
+        """Search samples appended since sweep.json was written (`add_sample`)."""
+        return self.root / "samples.jsonl"
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.root / "trials" / trial_id
@@ -122,7 +132,8 @@ class SweepRecord:
 
     # -- the plan -----------------------------------------------------------------------------------
     def read_plan(self) -> dict[str, Any] | None:
-        """sweep.json (`{"name", "space", "question", "cells": [...]}`), or None before any run.
+        """sweep.json (`{"name", "space", "question", "cells": [...]}`) with the samples of
+        samples.jsonl it lacks appended to its cells, or None before any run.
 
         UserError naming the file when it is unreadable or has no list of cells.
         """
@@ -131,6 +142,12 @@ class SweepRecord:
                 return None
             plan = self.read_json(self.plan_path)
             cells = plan.get("cells") if isinstance(plan, dict) else None
+            if isinstance(cells, list):  # a search without a reference starts with no cell
+                known = {c.get("trial_id") for c in cells if isinstance(c, dict) and "sampled" in c}
+                for cell in self._appended_samples():
+                    if cell["trial_id"] not in known:  # sweep.json may have taken it in already
+                        known.add(cell["trial_id"])
+                        cells.append(cell)
             if not isinstance(cells, list) or not cells:
                 raise UserError(f"{self.plan_path}: expected a non-empty list under 'cells'")
             if plan.get("layout") != LAYOUT:
@@ -143,9 +160,45 @@ class SweepRecord:
         return self._plan
 
     def write_plan(self, plan: dict[str, Any]) -> None:
+        """sweep.json, the whole plan (search samples included); samples.jsonl is then redundant
+        and goes (a crash in between leaves duplicates, which `read_plan` skips)."""
         plan = {**plan, "layout": LAYOUT}
         atomic_write_json(self.plan_path, plan)
+        self.samples_path.unlink(missing_ok=True)
         self._plan = plan
+
+    def add_sample(self, cell: dict[str, Any]) -> None:
+        """One new search sample (a sweep.json cell with "sampled"), appended to samples.jsonl and
+        flushed to disk: the cost of a sample does not grow with the plan. sweep.json must exist."""
+        line = json.dumps(cell, sort_keys=True, allow_nan=True)
+        with open(self.samples_path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if self._plan is not None:  # the cache holds what a fresh read would (uncached: it will)
+            self._plan["cells"].append(json.loads(line))
+
+    def _appended_samples(self) -> list[dict[str, Any]]:
+        """The cells of samples.jsonl; a line cut short by a crash (the last one) is skipped."""
+        try:
+            lines = self.samples_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise UserError(f"{self.samples_path}: unreadable ({exc.strerror or exc})") from None
+        cells = []
+        for number, line in enumerate(lines, 1):
+            try:
+                cell = json.loads(line)
+            except ValueError:
+                if number == len(lines):  # an append the crash interrupted
+                    break
+                raise UserError(f"{self.samples_path}:{number}: unreadable JSON line") from None
+            if not isinstance(cell, dict) or "trial_id" not in cell or "sampled" not in cell:
+                raise UserError(f"{self.samples_path}:{number}: expected a sweep.json cell with "
+                                "'trial_id' and 'sampled'")
+            cells.append(cell)
+        return cells
 
     def plan_trial_ids(self) -> list[str]:
         """Distinct trial ids of the plan, in plan order (empty before any run)."""

@@ -117,3 +117,46 @@ def test_gpu_check_dry_run(section, tmp_path):
         assert result["rows"][0]["decode_s"] > 0 and result["rows"][1]["decode_s"] is None
     else:
         assert result["n"] == 4 and [m["n_images"] for m in result["metrics"]] == [4]
+
+
+@pytest.mark.slow
+def test_bench_sweep_scaling_runs_tiny(tmp_path):
+    """bench_sweep.py --scaling (issue 21, item 3): ours vs bare Ray Tune at two tiny sizes, each
+    side in its own process; the result line's difference is its two marginal costs'."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_sweep.py"), "--scaling",
+                           "--sizes", "2", "4", "--trial-ms", "0", "--max-concurrent", "2",
+                           "--cpu-per-trial", "1", "--cpus", "2", "--workdir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = re.search(r"(?m)^scaling: ours - bare ([+-][\d.]+), ours - bare-s ([+-][\d.]+) s per "
+                     r"trial \(2->4 trials; bare (-?[\d.]+), bare-s (-?[\d.]+), ours (-?[\d.]+)\); "
+                     r"driver peak RSS at 4: bare \d+ MB, bare-s \d+ MB, ours \d+ MB$", proc.stdout)
+    assert line, proc.stdout[-2000:]
+    diff, diff_s, bare, bare_s, ours = (float(line.group(i)) for i in range(1, 6))
+    assert diff == pytest.approx(ours - bare, abs=2e-3)
+    assert diff_s == pytest.approx(ours - bare_s, abs=2e-3)
+    rows = re.findall(r"(?m)^\s+([24]) (bare|bare-s|ours)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", proc.stdout)
+    assert sorted((n, side) for n, side, *_ in rows) == [
+        (n, side) for n in "24" for side in ("bare", "bare-s", "ours")]
+    for n, _, wall, per_trial, _ in rows:  # wall / trial is the wall over the size
+        assert float(per_trial) == pytest.approx(float(wall) / int(n), abs=0.05 / int(n) + 1e-3)
+    assert (tmp_path / "ours-4" / "results" / "scaling-4" / "sweep.json").is_file()  # the real layout
+
+
+@pytest.mark.slow
+def test_bench_sweep_scaling_driver_only_runs_tiny(tmp_path):
+    """bench_sweep.py --scaling --driver-only: the driver's share, replayed without Ray."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_sweep.py"), "--scaling",
+                           "--driver-only", "--sizes", "3", "6", "12", "--max-concurrent", "2",
+                           "--workdir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = re.search(r"(?m)^driver-only: (-?[\d.]+) ms per trial 3->6 trials, (-?[\d.]+) ms "
+                     r"6->12 \((-?[\d.]+)x\); peak RSS \d+ -> \d+ MB$", proc.stdout)
+    assert line, proc.stdout[-2000:]
+    a, b, ratio = (float(line.group(i)) for i in (1, 2, 3))
+    assert ratio == pytest.approx(b / a, rel=0.05, abs=0.01)
+    # every replayed trial went through the real record: 12 metrics.json, the Board saw them done
+    sweep_dir = tmp_path / "driver-12" / "results" / "scaling-12"
+    assert len(list(sweep_dir.glob("trials/*/evals/*/metrics.json"))) == 12
+    assert "12/12 done, 0 running" in (tmp_path / "driver-12" / "driver.log").read_text()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.plan import load_plan
+from orchestrator.plan import load_plan, write_plan
 from orchestrator.progress import Board, event_line, progress_line, status_lines, sweep_eta
 from orchestrator.record import SweepRecord, TrialStatus
-from orchestrator.space import load_space
+from orchestrator.space import cell_for, load_space
 
 SPACE = """\
 # Does the board follow the trials? (a test space)
@@ -73,3 +73,57 @@ def test_board_follows_events_without_rescanning_the_folder(tmp_path: Path, caps
     failed = record.status(b, space.cells[1].eval_id)
     assert (failed.state, failed.error) == ("failed", "trial process died: RayActorError: the actor died")
     assert f"FAILED  {b}: trial process died" in capsys.readouterr().out
+
+
+def test_board_line_equals_progress_line_of_its_states(tmp_path: Path, capsys):
+    """The Board keeps the line's parts instead of rescanning its states; the text is the same."""
+    (tmp_path / "space.yaml").write_text(SPACE.replace("lambda_: [1.0, 0.5]", "lambda_: [1.0, 0.5, 0.2, 0.1]"))
+    space = load_space(tmp_path / "space.yaml")
+    record = SweepRecord(tmp_path / "results" / "board")
+    board = Board(space, record, load_plan(space, record), concurrency=2)
+    cells = space.trials()
+    ids = [c.trial_id for c in cells]
+
+    def same() -> None:
+        assert board.line(12.0) == progress_line(list(board.states.values()), 2, 12.0)
+
+    same()
+    board.started(cells[0], None)
+    board.started(cells[1], None)
+    board.result(ids[0], 5)
+    board.result(ids[1], 2)
+    same()
+    record.write_metrics(ids[0], cells[0].eval_id, {"psnr_entire": 21.0, "psnr_glare": 30.0, "wall_s": 4.0})
+    board.completed(ids[0], {})
+    same()
+    board.completed(ids[1], {"step": 2, "psnr_entire": 23.0})  # stopped early, with its metrics
+    board.started(cells[2], None)
+    board.errored(ids[2], "RayActorError: died")
+    same()
+    assert "2 done" not in board.line() and "best PSNR entire 23.00" in board.line()
+    # A state with metrics replaced (the best must forget it): recomputed, still equal.
+    board._set(TrialStatus(ids[1], "pending"))
+    same()
+    assert "best PSNR entire 21.00" in board.line()
+    assert board.counts == {s: sum(t.state == s for t in board.states.values()) for s in board.counts}
+    capsys.readouterr()
+
+
+def test_board_appends_a_new_search_sample_without_rewriting_the_plan(tmp_path: Path):
+    (tmp_path / "space.yaml").write_text(
+        "# Does the board record samples? (a test space)\nname: board\nfixed: {steps: 10, k: 2}\n"
+        "seeds: [0]\nsearch: {algorithm: optuna, metric: psnr_entire, mode: max, num_samples: 4, "
+        "params: {lambda_: {uniform: [0.0, 1.0]}}}\n")
+    space = load_space(tmp_path / "space.yaml")
+    record = SweepRecord(tmp_path / "results" / "board")
+    plan = load_plan(space, record)
+    write_plan(space, record, plan)
+    written = record.plan_path.read_bytes()
+    board = Board(space, record, plan, concurrency=1)
+    cell = cell_for(space.search_config({"lambda_": 0.3}))
+    board.started(cell, {"lambda_": 0.3})
+    board.started(cell, {"lambda_": 0.3})  # a retry of the same trial: recorded once
+    assert record.plan_path.read_bytes() == written
+    fresh = load_plan(space, SweepRecord(record.root))
+    assert [(c.trial_id, v) for c, v in fresh.sampled] == [(cell.trial_id, {"lambda_": 0.3})]
+    assert fresh.new_samples(space) == 3

@@ -98,3 +98,36 @@ def test_sweep_lock_is_exclusive_and_marks_the_active_run(tmp_path):
     assert record.active_run() is None
     with SweepLock(tmp_path, "run-c"):  # released: the next run gets it
         assert record.active_run() == "run-c"
+
+
+def test_search_samples_are_appended_and_taken_into_the_plan(tmp_path):
+    record = SweepRecord(tmp_path)
+    grid = {"trial_id": "g", "eval_id": "m-1"}
+    record.write_plan({"name": "x", "cells": [grid]})
+    before = (tmp_path / "sweep.json").read_bytes()
+    a = {"trial_id": "a", "eval_id": "m-2", "sampled": {"lambda_": 0.25}}
+    b = {"trial_id": "b", "eval_id": "m-3", "sampled": {"lambda_": 0.75}}
+    record.add_sample(a)
+    record.add_sample(b)
+    assert (tmp_path / "sweep.json").read_bytes() == before  # a sample never rewrites the plan
+    uncached = SweepRecord(tmp_path)
+    uncached.add_sample({**a, "trial_id": "a2"})  # read afterwards: from the file, once
+    assert uncached.plan_trial_ids() == ["g", "a", "b", "a2"]
+    (tmp_path / "samples.jsonl").write_text(json.dumps(a) + "\n" + json.dumps(b) + "\n")
+    assert record.plan_trial_ids() == ["g", "a", "b"]  # the cache has them
+    assert SweepRecord(tmp_path).read_plan()["cells"] == [grid, a, b]  # and so has a fresh reader
+    # A crash in the middle of an append leaves a cut line: the samples before it count.
+    with open(tmp_path / "samples.jsonl", "a") as fh:
+        fh.write('{"trial_id": "c", "sampl')
+    assert SweepRecord(tmp_path).plan_trial_ids() == ["g", "a", "b"]
+    # sweep.json takes them in; the journal goes. A crash before it went: no sample twice.
+    record.write_plan({"name": "x", "cells": [grid, a, b]})
+    assert not (tmp_path / "samples.jsonl").exists()
+    (tmp_path / "samples.jsonl").write_text(json.dumps(b) + "\n")
+    assert SweepRecord(tmp_path).read_plan()["cells"] == [grid, a, b]
+    (tmp_path / "samples.jsonl").write_text('{"trial_id": "d"}\n' + json.dumps(b) + "\n")
+    with pytest.raises(UserError, match=r"samples.jsonl:1: expected a sweep.json cell with 'trial_id' and 'sampled'"):
+        SweepRecord(tmp_path).read_plan()
+    (tmp_path / "samples.jsonl").write_text("{not json\n" + json.dumps(b) + "\n")
+    with pytest.raises(UserError, match=r"samples.jsonl:1: unreadable JSON line"):
+        SweepRecord(tmp_path).read_plan()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -148,6 +149,49 @@ def ray_session():
                           runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
     yield ray
     ray.shutdown()
+
+
+def test_what_tune_keeps_per_trial_does_not_grow_with_the_grid(tmp_path):
+    """Issue 21: Tune pickles each trial's name functions and config into its state; closures over
+    the space made that O(cells) per trial. The grid searcher hands out cells in plan order."""
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
+    from ray.tune.search import Searcher
+
+    sizes = {}
+    for n in (2, 60):
+        lambdas = [round(1.0 - i / 100, 2) for i in range(n)]
+        space = _space(tmp_path, _variant(MINI, name=f"g{n}", grid={"lambda_": lambdas}), f"s{n}.yaml")
+        cells = space.trials()
+        searcher = sweep._grid_searcher(cells)
+        configs = [searcher.suggest(str(i)) for i in range(len(cells))]
+        assert searcher.suggest("one more") == Searcher.FINISHED
+        assert [c[sweep.TRIAL_KEY] for c in configs] == [c.trial_id for c in cells]
+        trial = SimpleNamespace(trial_id="abc12", config=configs[-1])
+        assert sweep._trial_name(trial) == cells[-1].trial_id
+        assert sweep._trial_dirname(trial) == f"{cells[-1].trial_id}-abc12"
+        assert sweep._cell_of(configs[-1], space) == cells[-1]
+        assert sweep._TrialCells(space, cells)(trial) is cells[-1]  # looked up, not rebuilt
+        sizes[n] = [len(cloudpickle.dumps(x)) for x in (sweep._trial_name, sweep._trial_dirname,
+                                                        configs[-1])]
+    assert sizes[60][:2] == sizes[2][:2]
+    assert abs(sizes[60][2] - sizes[2][2]) < 16  # one cell's config, whatever the grid
+    search = _space(tmp_path, SEARCH, "search.yaml")
+    values = {"lambda_": 0.25, "margin": 0.1}
+    expected = sweep.cell_for(search.search_config(values), fingerprints=search.search_fingerprints)
+    trial = SimpleNamespace(trial_id="def34", config={**values, sweep.TRIAL_KEY: expected.trial_id})
+    assert sweep._TrialCells(search, None)(trial) == expected
+    assert sweep._trial_name(trial) == expected.trial_id
+
+
+def test_a_grid_without_a_cap_keeps_tunes_own_queue_of_pending_trials(monkeypatch):
+    """Tune queues one trial ahead for a searcher without max_concurrent, 200 (or 1.1 x CPUs) for
+    its grid_search: an uncapped grid (table1.yaml) must keep showing the autoscaler its demand."""
+    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+    assert sweep._grid_pending(None, 64.0) == {"TUNE_MAX_PENDING_TRIALS_PG": "200"}
+    assert sweep._grid_pending(None, 1000.0) == {"TUNE_MAX_PENDING_TRIALS_PG": "1100"}
+    assert sweep._grid_pending(8, 1000.0) == {}  # Tune queues up to the cap itself
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "5")
+    assert sweep._grid_pending(None, 64.0) == {}  # the user's setting wins
 
 
 # -- tests with real Ray ---------------------------------------------------------------------------
