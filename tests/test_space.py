@@ -118,7 +118,9 @@ def test_search_space(tmp_path):
 
 def test_shipped_spaces_load(tmp_path):
     demo = load_space(ROOT / "search_spaces" / "demo.yaml")
-    assert len(demo.cells) == 13 and len(demo.trials()) == 12
+    # 3 seeds x (the reference + 12 cells), the two lambda_=0 cells of a seed one trial
+    assert len(demo.cells) == 39 and len(demo.trials()) == 36
+    assert {c.seed for c in demo.cells} == {0, 1, 2}
     assert demo.cells[0].kind == "reference"
     optuna = load_space(ROOT / "search_spaces" / "lambda_optuna.yaml")
     assert optuna.search is not None and optuna.search.algorithm == "optuna"
