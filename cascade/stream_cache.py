@@ -46,12 +46,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.metadata
 import io
 import logging
 import math
 import os
-import platform
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +60,7 @@ from torch import Tensor, nn
 
 from cascade.io import atomic_write_bytes, atomic_write_json, cache_dir, digest, file_lock
 from cascade.losses import CascadeLoss, target_kind
+from cascade.machine import cpu_model, package_version
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +174,6 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def compute_spec(device: torch.device, bf16: bool) -> dict[str, Any]:
     """Where and how the values are computed: everything besides the inputs that changes their
     bits (device model, kernels' capability, CPU threads, autocast, TF32, library versions)."""
@@ -199,14 +181,14 @@ def compute_spec(device: torch.device, bf16: bool) -> dict[str, Any]:
         "device": device.type, "autocast": "bf16" if bf16 else None, "torch": torch.__version__,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "packages": {name: _version(name) for name in PACKAGES}}
+        "packages": {name: package_version(name) for name in PACKAGES}}
     if device.type == "cuda":
         spec.update(name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(),
                     tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                     tf32_cudnn=torch.backends.cudnn.allow_tf32)
     else:  # CPU kernels pick their vector width and split reductions over threads
-        spec.update(name=_cpu_name(), capability=torch.backends.cpu.get_cpu_capability(),
+        spec.update(name=cpu_model(), capability=torch.backends.cpu.get_cpu_capability(),
                     threads=torch.get_num_threads())
     return spec
 

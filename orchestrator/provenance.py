@@ -8,13 +8,14 @@ different code or inputs, and say whether the packages match the lock file.
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from cascade.machine import cpu_model, package_version
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK_FILE = ROOT / "requirements.lock"
@@ -26,20 +27,13 @@ _LOCK_LINE = re.compile(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;#]+)")
 def collect(fingerprints: dict[str, Any], device: str | None = None) -> dict[str, Any]:
     """Provenance of a result computed in this process."""
     versions = package_versions()
-    return {"flaresweep": _version("flaresweep"), "code": code_version(), "python": platform.python_version(),
+    return {"flaresweep": package_version("flaresweep"), "code": code_version(), "python": platform.python_version(),
             "packages": versions, "lock": lock_mismatches(versions), "device": describe_device(device),
             "host": platform.node(), "fingerprints": fingerprints}
 
 
 def package_versions() -> dict[str, str | None]:
-    return {name: _version(name) for name in PACKAGES}
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return {name: package_version(name) for name in PACKAGES}
 
 
 def code_version(root: Path = ROOT) -> str:
@@ -63,13 +57,7 @@ def describe_device(device: str | None) -> str:
             return torch.cuda.get_device_name(torch.device(device))
         except Exception:  # noqa: BLE001 - a description must never fail a trial
             return device
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def read_lock(path: Path = LOCK_FILE) -> dict[str, str]:
