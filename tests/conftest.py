@@ -1,9 +1,12 @@
 """Shared test fixtures."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -13,3 +16,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray of 2 CPUs for one test module, whose trial processes import tests/ modules by
+    name (the fake trainers of test_sweep)."""
+    ray = pytest.importorskip("ray")
+    import sweep
+
+    sweep.start_local_ray(num_cpus=2, log_to_driver=False,
+                          runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    yield ray
+    ray.shutdown()

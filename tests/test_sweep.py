@@ -142,15 +142,6 @@ def _calls(tmp_path: Path, sweep_name: str = "mini", evals: bool = False) -> lis
     return lines if evals else [line.split(" eval=")[0] for line in lines]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    sweep.start_local_ray(num_cpus=2, log_to_driver=False,
-                          runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
-    yield ray
-    ray.shutdown()
-
-
 def test_what_tune_keeps_per_trial_does_not_grow_with_the_grid(tmp_path):
     """Issue 21: Tune pickles each trial's name functions and config into its state; closures over
     the space made that O(cells) per trial. The grid searcher hands out cells in plan order."""

@@ -55,15 +55,6 @@ def probe_train(cfg, report=None, checkpoint_dir=None, output_dir=None, metrics_
                       metrics_file=metrics_file)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    sweep.start_local_ray(num_cpus=2, log_to_driver=False,
-                          runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
-    yield ray
-    ray.shutdown()
-
-
 def _run(tmp_path: Path, space, **changes) -> sweep._Run:
     return sweep._Run(space, SweepRecord((tmp_path / "results" / space.name).resolve()),
                       _opts(tmp_path, **changes))
