@@ -103,11 +103,7 @@ def cpu_threads(device: torch.device, n: int = PREPARE_THREADS) -> Iterator[None
 
 
 def ensure_base(cfg: TrialConfig) -> Path:
-    """Path of the base Uformer checkpoint for `cfg` (training and caching it if needed).
-
-    Also builds the demo encoder when `cfg` uses it with its trained weights, so that the sweep
-    driver (which calls this before any trial starts) builds it once, not the first trials."""
-    _ensure_demo_encoder(cfg)
+    """Path of the base Uformer checkpoint for `cfg` (training and caching it if needed)."""
     if cfg.checkpoint is not None:
         path = Path(cfg.checkpoint).expanduser()
         if not path.is_file():
@@ -122,13 +118,6 @@ def ensure_base(cfg: TrialConfig) -> Path:
             with cpu_threads(resolve_device(cfg.device)):
                 train_base(cfg, folder)
     return target
-
-
-def _ensure_demo_encoder(cfg: TrialConfig) -> None:
-    from cascade import demo_encoder
-
-    if cfg.encoder == demo_encoder.NAME and cfg.encoder_pretrained and cfg.encoder_weights is None:
-        demo_encoder.ensure_demo_encoder()
 
 
 def build_base_uformer(cfg: TrialConfig) -> Uformer:
@@ -267,21 +256,15 @@ def base_quality(cfg: TrialConfig, model: nn.Module, device: torch.device) -> di
     """The base against identity on the trials' test set (`ensure_test_data(cfg)`): both
     `deflare_scores`, and `deflares` (module docstring). `model` is evaluated as the trials
     evaluate the procedural base (Flare7K++: channels 0:3 as they are)."""
-    from cascade.config import PROCEDURAL_BASE_KIND
-    from cascade.data.images import to_tensor, to_uint8
     from cascade.data.testset import PairedTestSet, ensure_test_data
-    from cascade.model import official_output
+    from cascade.evaluate import predict
 
     root = ensure_test_data(cfg)
     testset = PairedTestSet(root)
-    items = [testset[i] for i in range(len(testset))]
-    preds = []
-    with torch.no_grad():
-        for item in items:
-            out = official_output(model, to_tensor(item.input, device)[None], PROCEDURAL_BASE_KIND)
-            preds.append(to_uint8(out[0].float()))
-    identity = deflare_scores((it.input, it.gt, it.mask) for it in items)
-    base = deflare_scores((p, it.gt, it.mask) for p, it in zip(preds, items))
+    with torch.no_grad():  # predict: exactly the trials' evaluation path (procedural base kind)
+        base = deflare_scores((pred, gt, mask) for _, pred, gt, mask in predict(model, testset, device))
+    identity = deflare_scores((it.input, it.gt, it.mask)
+                              for it in (testset[i] for i in range(len(testset))))
     deflares = bool(base["psnr_entire"] >= identity["psnr_entire"] + MIN_PSNR_GAIN_DB
                     and base["ssim_entire"] > identity["ssim_entire"]
                     and base["ssim_outside"] >= identity["ssim_outside"])
