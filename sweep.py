@@ -55,10 +55,11 @@ from orchestrator.trial import PrepareFn, TrainFn, prepare_shared, run_trial
 
 
 def _default_prepare() -> tuple[PrepareFn, ...]:
+    from cascade import demo_encoder
     from cascade.data.testset import ensure_test_data
     from cascade.pretrain import ensure_base
 
-    return ensure_base, ensure_test_data
+    return demo_encoder.ensure_for, ensure_base, ensure_test_data
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class RunOptions:
     # What a trial runs and what the driver builds once for all trials (the base network, the test
     # set); tests pass fast fakes with the same signatures. Module-level functions: Ray pickles them.
     train_fn: TrainFn | None = None  # None: cascade.train.train
-    prepare: tuple[PrepareFn, ...] | None = None  # None: cascade's base network and test set
+    prepare: tuple[PrepareFn, ...] | None = None  # None: the demo encoder, base network, test set
     # Custom Ray resources each trial asks for besides the space's cpu/gpu (--trial-resource).
     trial_resources: dict[str, float] = field(default_factory=dict)
     wait_for_resources: bool = False  # queue trials that no node fits now (nodes are coming)

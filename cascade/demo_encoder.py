@@ -24,8 +24,8 @@ the encoder's `weights_source`, which the results keep.
 
 Cache: `<cache>/encoders/<hash>/encoder.pth` (`cascade.io.cache_dir()`: $FLARESWEEP_CACHE or the
 repo's .cache/), the hash covering `spec()` and the generator version; built under a file lock and
-published atomically, like the procedural base (`cascade.pretrain`), which builds it before any
-trial starts when a config uses it.
+published atomically, like the procedural base (`cascade.pretrain`); a sweep builds it before any
+trial starts (`ensure_for`, among its shared builds).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ from torch import Tensor, nn
 from cascade.data import synthetic
 from cascade.errors import UserError
 from cascade.io import atomic_path, atomic_write_json, cache_dir, digest, file_lock
+
+if TYPE_CHECKING:
+    from cascade.config import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,14 @@ def ensure_demo_encoder() -> Path:
             with cpu_threads(torch.device("cpu")):  # a tiny CNN (cascade.pretrain.PREPARE_THREADS)
                 train_demo_encoder(folder)
     return target
+
+
+def ensure_for(cfg: TrialConfig) -> Path | None:
+    """`ensure_demo_encoder()` when `cfg` uses the demo encoder's trained weights, else None: the
+    sweep driver builds it with the base and the test set, before any trial starts."""
+    if cfg.encoder == NAME and cfg.encoder_pretrained and cfg.encoder_weights is None:
+        return ensure_demo_encoder()
+    return None
 
 
 def _normalise(x: Tensor) -> Tensor:

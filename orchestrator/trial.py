@@ -21,7 +21,8 @@ from orchestrator.record import DETERMINISTIC, SweepRecord
 from orchestrator.space import Cell
 
 TrainFn = Callable[..., dict]  # cascade.train.train's signature (metrics_file=False: we record it)
-PrepareFn = Callable[[TrialConfig], Any]  # builds a shared artifact for a config, returns its path
+# builds a shared artifact for a config, returns its path (None: the config needs none)
+PrepareFn = Callable[[TrialConfig], Any]
 
 
 def run_trial(cell: Cell, record: SweepRecord, run_id: str, train_fn: TrainFn,
@@ -93,8 +94,9 @@ def check_fingerprints(cell: Cell) -> None:
 def prepare_shared(name: str, configs: list[TrialConfig], functions: tuple[PrepareFn, ...]) -> None:
     """Build what trials share (base network, test set) once, before they start.
 
-    Each function takes a TrialConfig and returns a path; they cache by config, so calling them
-    for every config costs one build per distinct base / test set. cascade's INFO logs are shown:
+    Each function takes a TrialConfig and returns a path, or None when the config needs nothing
+    of it; they cache by config, so calling them for every config costs one build per distinct
+    base / encoder / test set. cascade's INFO logs are shown:
     the first build takes minutes.
     """
     print(f"{name}: preparing the base network and the test set (built once, then cached)", flush=True)
@@ -102,7 +104,7 @@ def prepare_shared(name: str, configs: list[TrialConfig], functions: tuple[Prepa
         done: set[str] = set()
         for cfg in configs:
             for function in functions:
-                if (path := str(function(cfg))) not in done:
+                if (built := function(cfg)) is not None and (path := str(built)) not in done:
                     done.add(path)
                     print(f"{name}: using {path}", flush=True)
 
