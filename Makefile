@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.flaresweep-installed
 # nodes, or a rerun next month, install the same versions, and results record them.
 LOCK   := requirements.lock
 
-# Sweep knobs: `make sweep SPACE=table1 DATA=/data/Flare7Kpp BACKGROUNDS=/data/Flickr24K CKPT=/ckpt/net_g_last.pth`
+# Sweep knobs: `make sweep SPACE=table1 DATA=/data/Flare7k BACKGROUNDS=/data/Flickr24K CKPT=/ckpt/flare7k/net_g_last.pth TEST_DATA=/data/Flare7Kpp/test_data/real`
 SPACE    ?= demo
 DATA     ?=
 BACKGROUNDS ?=
@@ -20,17 +20,21 @@ BASE_KIND ?=
 STORAGE  ?=
 SEEDS    ?=
 PROTOCOL ?=
+EVAL_MODE ?=
+EVAL_SIZE ?=
 SWEEP_ARGS ?=
 SPACE_FILE := search_spaces/$(SPACE).yaml
 # What defines the cells (sweep, status and table1 alike); SWEEP_ARGS go to `sweep.py run` only.
-SPACE_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(BACKGROUNDS),--backgrounds $(BACKGROUNDS)) $(if $(TEST_DATA),--test-data $(TEST_DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(BASE_KIND),--base-kind $(BASE_KIND)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PROTOCOL),--protocol $(PROTOCOL))
+SPACE_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(BACKGROUNDS),--backgrounds $(BACKGROUNDS)) $(if $(TEST_DATA),--test-data $(TEST_DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(BASE_KIND),--base-kind $(BASE_KIND)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(EVAL_MODE),--eval-mode $(EVAL_MODE)) $(if $(EVAL_SIZE),--eval-size $(EVAL_SIZE))
+# The reference check's inputs (its modes and protocols: all; EVAL_SIZE: the views' side).
+CHECK_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(BACKGROUNDS),--backgrounds $(BACKGROUNDS)) $(if $(TEST_DATA),--test-data $(TEST_DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(BASE_KIND),--base-kind $(BASE_KIND)) $(if $(EVAL_SIZE),--eval-size $(EVAL_SIZE))
 SWEEP_OPTS := $(SPACE_OPTS) $(if $(STORAGE),--storage $(STORAGE)) $(SWEEP_ARGS)
 
-.PHONY: help setup lock sweep table1 status test test-fast lint bench gpu-check horovod clean distclean
+.PHONY: help setup lock sweep table1 status reference-check test test-fast lint bench gpu-check horovod clean distclean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, BACKGROUNDS=, TEST_DATA=, CKPT=, BASE_KIND=, SEEDS=, PROTOCOL=, STORAGE=, SWEEP_ARGS="
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, BACKGROUNDS=, TEST_DATA=, CKPT=, BASE_KIND=, SEEDS=, PROTOCOL=, EVAL_MODE=, EVAL_SIZE=, STORAGE=, SWEEP_ARGS="
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,11 +56,14 @@ lock: ## Refresh requirements.lock from a fresh install of pyproject.toml's (low
 sweep: $(STAMP) ## Run (or resume) the sweep SPACE (default: the embedded CPU demo)
 	$(PY) sweep.py run $(SWEEP_OPTS)
 
-table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), differences and figures for SPACE into results/<name>/<protocol>/
+table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), differences and figures for SPACE into results/<name>/<evaluation>/
 	$(PY) sweep.py table1 $(SPACE_OPTS)
 
 status: $(STAMP) ## One line per cell of SPACE as written: done / running / failed / stopped / interrupted / trained / pending
 	$(PY) sweep.py status $(SPACE_OPTS)
+
+reference-check: $(STAMP) ## Evaluate SPACE's reference under every 128-px reading vs the paper's row (results/<name>/reference_check.*)
+	$(PY) -m reports.reference_check $(CHECK_OPTS)
 
 test: $(STAMP) ## Run every test, slow end-to-end ones included (what CI runs)
 	$(PY) -m pytest

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade.config import PROTOCOLS, TrialConfig
+from cascade.config import EVAL_MODES, PROTOCOLS, VIEW_MODES, TrialConfig
 from cascade.errors import UserError, cli_errors, first_line
 from orchestrator import preflight
 from orchestrator import search as studies
@@ -872,15 +872,27 @@ def status(space_path: Path, results: Path, **overrides: Any) -> list[str]:
     return status_report(space_path, results, overrides)
 
 
+def evaluation_folder(cells: list[dict[str, Any]]) -> str:
+    """The folder name of one evaluation's tables: its protocol(s) (`masked`), with the
+    evaluation mode and size when it is not the native one (`masked_resize-bilinear128`)."""
+    names = set()
+    for c in cells:
+        cfg = c["config"]
+        mode = cfg.get("eval_mode", "native")
+        names.add(cfg["protocol"] + ("" if mode == "native" else
+                                     f"_{mode}{cfg.get('eval_size', '') if mode in VIEW_MODES else ''}"))
+    return "-".join(sorted(names))
+
+
 def table1(space_path: Path, results: Path, **overrides: Any) -> list[Path]:
     """reports.build_reports for the space's cells as written (`overrides` as for `status`): the
-    tables of one evaluation go to <results>/<name>/<protocol>/, beside those of other protocols."""
+    tables of one evaluation go to <results>/<name>/<evaluation_folder>/, beside those of other
+    protocols and evaluation modes."""
     from reports import build_reports
 
     record = SweepRecord((results / space_name(space_path)).resolve())
     cells = cells_as_written(space_path, record, overrides)
-    protocol = "-".join(sorted({c["config"]["protocol"] for c in cells}))
-    return build_reports(record.root, cells=cells, out_dir=record.root / protocol)
+    return build_reports(record.root, cells=cells, out_dir=record.root / evaluation_folder(cells))
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -907,6 +919,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--protocol", choices=PROTOCOLS,
                        help="evaluation protocol instead of the space's: finished trials are "
                             "evaluated again from their weights, without training")
+        p.add_argument("--eval-mode", choices=EVAL_MODES,
+                       help="how test images become scored predictions, instead of the space's "
+                            "(e.g. resize-bilinear, center-crop, tiles at --eval-size, native): "
+                            "a re-evaluation of finished trials, no training")
+        p.add_argument("--eval-size", type=int,
+                       help="side of the evaluation views of the resize/crop/tiles modes "
+                            "(default: the space's, else 128)")
 
     run = sub.add_parser(
         "run", help="run or resume a sweep",
@@ -955,7 +974,8 @@ def main(argv: Sequence[str] | None = None, *, train_fn: TrainFn | None = None,
     args = _parser().parse_args(argv)
     overrides = {"data": args.data, "backgrounds": args.backgrounds, "test_data": args.test_data,
                  "checkpoint": args.checkpoint, "seeds": args.seeds, "protocol": args.protocol,
-                 "base_kind": args.base_kind}
+                 "base_kind": args.base_kind, "eval_mode": args.eval_mode,
+                 "eval_size": args.eval_size}
     if args.command == "status":
         print("\n".join(status(args.space, args.results, **overrides)))
         return 0

@@ -59,13 +59,38 @@ PROCEDURAL_BASE_KIND = "flare7kpp"
 """What the procedural base is evaluated as. Its ground truth keeps the light source
 (cascade.data.synthetic: the Flare7K++ convention), so, like the released Flare7K++ Uformer, the
 network reconstructs the light itself and its output is used as it is (no light-source re-blend)."""
-EVAL_MODES = ("native", "flare7k-large")
+INFERENCE_MODES = ("native", "flare7k-large")
 """cascade.model.MODES (a test keeps them equal): tiles at native resolution (test.py on the
 512x512 test sets) or Flare7K's test_large.py (short side to 512, flare transferred back)."""
+VIEW_MODES = ("resize-bilinear", "resize-bicubic", "resize-area", "resize-bilinear-noaa",
+              "center-crop", "tiles")
+"""cascade.data.views.VIEWS (a test keeps them equal): the readings of the paper's "images of size
+128x128 were used" for evaluation. Each turns a test image (input, gt and mask alike) into one or
+more `eval_size` views, predicted in "native" mode and scored at that size."""
+EVAL_MODES = INFERENCE_MODES + VIEW_MODES
+"""How a test image becomes a scored prediction: an inference mode at the image's own size, or a
+view at `eval_size` (VIEW_MODES)."""
+DATA_LOADERS = ("flare7k", "flare7kpp")
+"""cascade.data.flare7k.LOADERS (a test keeps them equal): the official pair loaders."""
+def inference_mode(eval_mode: str) -> str:
+    """The inference mode (INFERENCE_MODES) an evaluation mode predicts with: itself, or "native"
+    for the views of VIEW_MODES (each view is predicted whole at its own size)."""
+    return eval_mode if eval_mode in INFERENCE_MODES else "native"
+
+
+ERASING_TARGETS = ("background", "input")
+"""Where a random-erasing box goes (cascade.data.erasing): "background" erases the flare-free
+background before the flare is added (the box is in the input and in the ground truth: the paper's
+"the background images were augmented using ... random erasing"); "input" erases the network's
+input only (the ground truth keeps the content: Zhong et al.'s occlusion augmentation)."""
 LPIPS_CONVENTIONS = ("flare7k", "standard")
 """The names of cascade.lpips_score.LPIPS_CONVENTIONS (a test keeps them equal)."""
 
-KINDS = ("cascade", "reference")
+KINDS = ("cascade", "reference", "control")
+"""cascade: fine-tune the anchor; reference: the base network alone (Table 1's Uformer row);
+control: the cascade at 0 steps (the base applied to its own output), evaluation only: how much of
+a cell's difference to the reference is the double pass rather than the fine-tuning."""
+EVAL_ONLY_KINDS = ("reference", "control")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("cpu", "cuda", "auto")
@@ -80,7 +105,9 @@ class TrialConfig:
     """One trial of the ablation. Defaults are the paper's settings where it gives them."""
 
     # -- what the trial is ---------------------------------------------------------------------
-    kind: str = "cascade"  # "cascade": fine-tune the anchor; "reference": evaluate the base alone
+    # "cascade": fine-tune the anchor; "reference": evaluate the base alone; "control": evaluate the
+    # cascade at 0 steps (negative and anchor both the base), no training
+    kind: str = "cascade"
     seed: int = 0
 
     # -- loss: L = lambda_*L_REG(k) + delta*L_PL + (1 - lambda_)*L_triplet(margin) ---------------
@@ -118,13 +145,20 @@ class TrialConfig:
     # -- data -----------------------------------------------------------------------------------
     data: str | None = None  # Flare7K / Flare7K++ root; None: procedural benchmark
     backgrounds: str | None = None  # flare-free backgrounds (Flickr24K); required with `data`
+    # Which official loader makes the pairs from `data` (cascade.data.flare7k): "flare7k" (v1:
+    # Compound_Flare + Reflective_Flare, brightness jitter and DC offset; Light_Source and Flare-R
+    # ignored), "flare7kpp" (light sources in gt), None: by layout (Light_Source folders -> ++).
+    data_loader: str | None = None
     test_data: str | None = None  # folder with input/ gt/ mask/; None: procedural test set
     n_test: int = 100  # procedural test images
     test_size: int = 512  # procedural test image side
     crop: int = 128  # training crop side (the paper: 128)
     batch_size: int = 8
-    # probability of a random-erasing box per sample, on the input only (cascade/data/erasing.py)
+    # probability of a random-erasing box per sample (cascade/data/erasing.py), erased in
+    # `random_erasing_on`: "background" (before the flare is added: the box is in input and ground
+    # truth, the paper's reading) or "input" (the input only)
     random_erasing: float = 0.0
+    random_erasing_on: str = "background"
     num_workers: int = 2  # file-decoding loader workers (synthesis itself runs on the device)
 
     # -- optimisation of the anchor network -----------------------------------------------------
@@ -141,7 +175,11 @@ class TrialConfig:
     # How a test image becomes a prediction (cascade.model.official_output): "native" tiles at the
     # image's own size (= Flare7K's test.py on its 512x512 test sets); "flare7k-large" is
     # test_large.py (short side to 512, 512 px strips, the flare transferred back to full size).
+    # VIEW_MODES (cascade.data.views) score `eval_size` views of each test image instead: the
+    # paper's "images of size 128x128 were used" read as a resize (bilinear / bicubic / area /
+    # bilinear without antialiasing), a centre crop, or the mean over the tiles of that size.
     eval_mode: str = "native"
+    eval_size: int = 128  # side of the views of VIEW_MODES (ignored, and not in any id, otherwise)
     # LPIPS input convention (cascade.lpips_score): "flare7k" ([0, 1] without normalize=True, as
     # Flare7K's evaluate.py and its published numbers) or "standard" ([-1, 1]).
     lpips: str = "flare7k"
@@ -252,6 +290,7 @@ class TrialConfig:
             ("reduction", REDUCTIONS),
             ("encoder_features", ENCODER_FEATURES),
             ("eval_mode", EVAL_MODES),
+            ("random_erasing_on", ERASING_TARGETS),
             ("lpips", LPIPS_CONVENTIONS),
         ):
             if getattr(self, key) not in choices:
@@ -279,6 +318,8 @@ class TrialConfig:
                 raise bad(key, "an integer >= 0")
         if self.output_ch not in (3, 6):
             raise bad("output_ch", "3 (deflared image) or 6 (deflared image + flare)")
+        if self.data_loader is not None and self.data_loader not in DATA_LOADERS:
+            raise bad("data_loader", "one of " + ", ".join(DATA_LOADERS) + " or null (by layout)")
         if self.base_kind is not None and self.base_kind not in BASE_KINDS:
             raise bad("base_kind", "one of " + ", ".join(BASE_KINDS) + " (or null without a checkpoint)")
         if self.checkpoint is not None and self.base_kind is None:
@@ -289,8 +330,9 @@ class TrialConfig:
             raise UserError(f"{where}: base_kind={self.base_kind!r} needs a checkpoint; the "
                             "procedural base keeps the light source in its ground truth and is "
                             f"evaluated as {PROCEDURAL_BASE_KIND} (leave base_kind null)")
-        if self.crop < 16 or self.test_size < 16:
-            raise bad("crop" if self.crop < 16 else "test_size", "an image side >= 16")
+        if self.crop < 16 or self.test_size < 16 or self.eval_size < 16:
+            key = "crop" if self.crop < 16 else "test_size" if self.test_size < 16 else "eval_size"
+            raise bad(key, "an image side >= 16")
         if self.data is not None and self.backgrounds is None:
             raise UserError(f"{where}: data={self.data!r} needs backgrounds (a Flickr24K-style folder)")
         if self.workers > 1 and self.backend == "none":
@@ -352,9 +394,24 @@ TEST_FIELDS = ("n_test", "test_size")
 # kind, seed and every loss, data, optimiser and base-network field (they change the weights);
 # eval_workers and eval_every are RUNTIME_FIELDS (they change neither). tests/test_config.py
 # checks that no field here changes the procedural base's cache key.
-EVAL_FIELDS = ("protocol", "ssim_window", "test_data", "n_test", "eval_mode", "lpips",
+EVAL_FIELDS = ("protocol", "ssim_window", "test_data", "n_test", "eval_mode", "eval_size", "lpips",
                "lpips_weights", "base_kind", "n_samples")
 RESUME_MAY_CHANGE = tuple(dict.fromkeys(RESUME_MAY_CHANGE + EVAL_FIELDS + PATH_FIELDS))
+
+
+def inert_fields(cfg: TrialConfig) -> frozenset[str]:
+    """Fields whose value cannot change this config's results given its other fields: left out of
+    its identities (orchestrator.identity), so a field added with such a default keeps every
+    existing id. `data_loader` without data; `random_erasing_on` without erasing; `eval_size`
+    outside VIEW_MODES."""
+    inert = set()
+    if cfg.data is None:
+        inert.add("data_loader")
+    if cfg.random_erasing == 0:
+        inert.add("random_erasing_on")
+    if cfg.eval_mode not in VIEW_MODES:
+        inert.add("eval_size")
+    return frozenset(inert)
 
 
 def check_base_kind(checkpoint: str | os.PathLike, base_kind: str | None, output_ch: int) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cascade.config import PROCEDURAL_BASE_KIND
+from cascade.config import INFERENCE_MODES, PROCEDURAL_BASE_KIND, inference_mode
 from cascade.errors import UserError, cli_errors, first_line
 from cascade.io import atomic_path
 from cascade.metrics import (
@@ -59,23 +59,28 @@ log = logging.getLogger(__name__)
 
 
 def predict(model: nn.Module, testset: PairedTestSet, device: torch.device,
-            base_kind: str = PROCEDURAL_BASE_KIND, mode: str = "native"
+            base_kind: str = PROCEDURAL_BASE_KIND, mode: str = "native", eval_size: int = 128
             ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(stem, pred, gt, mask) per test image; pred = the model's deflared image, (H, W, 3) uint8.
+    """(stem, pred, gt, mask) per scored image; pred = the model's deflared image, (H, W, 3) uint8.
 
     `model`: a Uformer (reference) or a CascadedFlareRemover (its anchor's output), run in eval
     mode, fp32, whole images through `cascade.model.official_output(model, x, base_kind, mode)`
     (base_kind "flare7k": the input's light sources blended back; "flare7kpp", the default and
     what the procedural base is: as predicted). A trial passes `cfg.evaluated_base_kind`.
+    `mode` a view (config.VIEW_MODES): each test image's `eval_size` views
+    (`cascade.data.views.views`, stems `<stem>@r<i>c<j>` for tiles) in "native" mode instead.
     """
     from cascade.data.images import to_tensor, to_uint8
+    from cascade.data.views import views
     from cascade.model import official_output
 
     model.eval()
+    infer = inference_mode(mode)
     for i in range(len(testset)):
         item = testset[i]
-        out = official_output(model, to_tensor(item.input, device)[None], base_kind, mode=mode)
-        yield item.stem, to_uint8(out[0].float()), item.gt, item.mask  # out: (1, 3, H, W)
+        for view in [item] if mode in INFERENCE_MODES else views(item, mode, eval_size):
+            out = official_output(model, to_tensor(view.input, device)[None], base_kind, mode=infer)
+            yield view.stem, to_uint8(out[0].float()), view.gt, view.mask  # out: (1, 3, h, w)
 
 
 # -- LPIPS over the entire image -------------------------------------------------------------------
@@ -174,9 +179,12 @@ def evaluate_model(model: nn.Module, testset: PairedTestSet, cfg: TrialConfig, d
     """
     import pandas as pd
 
-    items = list(predict(model, testset, device, cfg.evaluated_base_kind, cfg.eval_mode))
+    from cascade.data import views
+
+    items = list(predict(model, testset, device, cfg.evaluated_base_kind, cfg.eval_mode,
+                         cfg.eval_size))
     per_image = evaluate_arrays(items, protocol=cfg.protocol, ssim_window=cfg.ssim_window,
-                                workers=cfg.eval_workers)
+                                workers=cfg.eval_workers)  # per view; tiles averaged below
     rows, used = lpips_rows(items, lpips if lpips is not None else prepare_lpips(cfg, device))
     if rows:
         attrs = dict(per_image.attrs)
@@ -184,7 +192,25 @@ def evaluate_model(model: nn.Module, testset: PairedTestSet, cfg: TrialConfig, d
                               ignore_index=True)
         per_image.attrs = attrs
     per_image.attrs["lpips"] = used.record()
-    return per_image, [(stem, pred) for stem, pred, _, _ in items[: cfg.n_samples]]
+    if cfg.eval_mode != "tiles":
+        return per_image, [(stem, pred) for stem, pred, _, _ in items[: cfg.n_samples]]
+    # Tiles: one row per test image (the mean over its tiles), samples stitched back together.
+    samples = []
+    for stem in testset.stems[: cfg.n_samples]:
+        h, w = testset[testset.stems.index(stem)].gt.shape[:2]
+        tiles = {s: pred for s, pred, _, _ in items if views.image_stem(s) == stem}
+        samples.append((stem, views.stitch(h, w, cfg.eval_size, tiles)))
+    return views.image_means(per_image), samples
+
+
+def score_views(items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], mode: str, *,
+                protocol: str, ssim_window: str = "uniform", workers: int = 1) -> pd.DataFrame:
+    """PSNR/SSIM rows (image, region, metric, value) of `predict`'s items under `protocol`, one
+    row per test image and region (a tile view's rows averaged per image)."""
+    from cascade.data.views import image_means
+
+    per_view = evaluate_arrays(items, protocol=protocol, ssim_window=ssim_window, workers=workers)
+    return image_means(per_view) if mode == "tiles" else per_view
 
 
 def evaluation_summary(per_image: pd.DataFrame) -> dict[str, Any]:

@@ -201,6 +201,8 @@ def stream_spec(cfg: Any, pairs: Any, negative: nn.Module, device: torch.device,
         "version": STREAM_VERSION, "shard_steps": SHARD_STEPS,
         "data": {"seed": cfg.seed, "crop": cfg.crop, "batch_size": cfg.batch_size,
                  "random_erasing": cfg.random_erasing,
+                 # where the box goes changes gt too; absent without erasing (keys stay as they were)
+                 **({"random_erasing_on": cfg.random_erasing_on} if cfg.random_erasing else {}),
                  "source": data_fingerprint(pairs, cfg.data, cfg.backgrounds)},
         "sharding": {"workers": cfg.workers},
         "negative": {"weights": module_digest(negative), "channels_last": cfg.channels_last},

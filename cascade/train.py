@@ -6,7 +6,10 @@ A trial (cfg.kind):
   reduction; the encoder's `encoder_features`) for `cfg.steps` optimizer steps, then evaluate the
   anchor's output on the test set;
 - "reference" (Table 1's "Uformer" row): evaluate the base network alone, no training,
-  through exactly the same evaluation path (`cascade.evaluate.evaluate_model`).
+  through exactly the same evaluation path (`cascade.evaluate.evaluate_model`);
+- "control": evaluate the cascade at 0 steps (negative and anchor both the base: the base applied
+  to its own output), no training, through the same path: the part of a cascade cell's
+  difference to the reference that the double pass alone makes.
 
 Training semantics
 - Global batch = `batch_size` images per optimizer step, whatever the number of workers: with
@@ -15,8 +18,9 @@ Training semantics
   is a single-process step on the whole batch and `lr` is *not* scaled with N (scale it yourself
   if you also grow `batch_size`). Only rank 0 checkpoints, reports, evaluates and writes.
 - Data is a pure function of (seed, step): step s uses sample indices s*B .. s*B+B-1 of the
-  training pairs (`ProceduralPairs(crop, seed)` or `Flare7KPairs(data, backgrounds, crop, seed)`,
-  both erasing a box of the input with probability `random_erasing`); the global torch RNG
+  training pairs (`ProceduralPairs(crop, seed, frame=max(crop, test_size))` or
+  `Flare7KPairs(data, backgrounds, crop, seed)`, both erasing a box with probability
+  `random_erasing` in `random_erasing_on`: the background or the input); the global torch RNG
   (stochastic depth in the anchor) is reseeded from (seed, step, rank) each step. Together with
   the checkpointed model/optimizer/schedule state, an interrupted and resumed run on the CPU ends
   with weights bit-identical to an uninterrupted one.
@@ -63,7 +67,7 @@ import torch
 from torch import nn
 
 from cascade import checkpoint as ckpt
-from cascade.config import RESUME_MAY_CHANGE, TrialConfig, check_base_kind
+from cascade.config import RESUME_MAY_CHANGE, VIEW_MODES, TrialConfig, check_base_kind, inference_mode
 from cascade.data.testset import PairedTestSet, ensure_test_data
 from cascade.device import resolve_device, use_bf16
 from cascade.distributed import DataParallel, Report, check_backend, launch
@@ -71,7 +75,7 @@ from cascade.errors import UserError, cli_errors
 from cascade.fmt import duration, psnr_text
 from cascade.io import atomic_path, atomic_write_json
 from cascade.losses import DistanceStats
-from cascade.pretrain import ensure_base
+from cascade.pretrain import base_frame, ensure_base
 from cascade.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -123,10 +127,14 @@ def build_pairs(cfg: TrialConfig) -> Any:
         from cascade.data.flare7k import Flare7KPairs
 
         return Flare7KPairs(cfg.data, cfg.backgrounds, cfg.crop, cfg.seed,
-                            random_erasing=cfg.random_erasing)
+                            random_erasing=cfg.random_erasing, erasing_on=cfg.random_erasing_on,
+                            loader=cfg.data_loader)
     from cascade.data.synthetic import ProceduralPairs
 
-    return ProceduralPairs(cfg.crop, cfg.seed, random_erasing=cfg.random_erasing)
+    # Crops of frames rendered at the test resolution, as the base's (`base_frame`): flares then
+    # have the test images' size in pixels, as Flare7K synthesises at full size and crops.
+    return ProceduralPairs(cfg.crop, cfg.seed, frame=base_frame(cfg),
+                           random_erasing=cfg.random_erasing, erasing_on=cfg.random_erasing_on)
 
 
 def data_loader(pairs: Any) -> str:
@@ -489,6 +497,8 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
                        device=device, report=report)
         model: nn.Module = CascadedFlareRemover.from_checkpoint(base_path)
         model.anchor.load_state_dict(stats.pop("anchor"))
+    elif cfg.kind == "control":
+        model = CascadedFlareRemover.from_checkpoint(base_path)  # the anchor as the base left it
     else:
         model = load_checkpoint(base_path)
     model = model.to(device)
@@ -508,6 +518,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
         "encoder_features": cfg.encoder_features if cascade_run else None,
         "d_pn": stats["d_pn"],  # the measured d(p, n) (DistanceStats.to_dict), beside the margin
         "random_erasing": cfg.random_erasing if cascade_run else None,
+        "random_erasing_on": cfg.random_erasing_on if cascade_run and cfg.random_erasing else None,
         "data_loader": stats["data_loader"],
         "seed": cfg.seed,
         "encoder": cfg.encoder if cascade_run else None,
@@ -516,7 +527,9 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
         # The evaluation path: the official output for this kind of base, in this mode.
         "base_kind": cfg.evaluated_base_kind,
         "eval_mode": cfg.eval_mode,
-        "light_threshold": official_light_threshold(cfg.evaluated_base_kind, cfg.eval_mode),
+        "eval_size": cfg.eval_size if cfg.eval_mode in VIEW_MODES else None,
+        "light_threshold": official_light_threshold(cfg.evaluated_base_kind,
+                                                    inference_mode(cfg.eval_mode)),
         "steps": stats["steps"],
         "images_per_s": stats["images_per_s"],
         "step_s": stats["step_s"],

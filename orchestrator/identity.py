@@ -200,15 +200,19 @@ def evaluation_inputs(cfg: TrialConfig, *, memo: bool = True) -> dict[str, Any]:
 
 
 def training_key(cfg: TrialConfig, inputs: dict[str, Any]) -> str:
-    """12 hex digits over the training fields and the training inputs' fingerprints."""
-    values = cfg.to_dict()
-    return digest({"fields": {f: values[f] for f in training_fields()}, "inputs": inputs})
+    """12 hex digits over the training fields and the training inputs' fingerprints (fields that
+    are inert in this config, `config.inert_fields`, left out)."""
+    values, inert = cfg.to_dict(), config.inert_fields(cfg)
+    return digest({"fields": {f: values[f] for f in training_fields() if f not in inert},
+                   "inputs": inputs})
 
 
 def evaluation_key(train_key: str, cfg: TrialConfig, inputs: dict[str, Any]) -> str:
-    """12 hex digits over the training key, the evaluation fields and the evaluation inputs."""
-    values = cfg.to_dict()
-    return digest({"training": train_key, "fields": {f: values[f] for f in eval_fields()},
+    """12 hex digits over the training key, the evaluation fields and the evaluation inputs
+    (inert fields left out, as in `training_key`)."""
+    values, inert = cfg.to_dict(), config.inert_fields(cfg)
+    return digest({"training": train_key,
+                   "fields": {f: values[f] for f in eval_fields() if f not in inert},
                    "inputs": inputs})
 
 

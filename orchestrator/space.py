@@ -7,6 +7,7 @@ answers. Its keys (anything else is an error naming the file and the key):
     grid: {k: [1, 2], lambda_: [1.0, 0.5, 0.0]}   # TrialConfig fields -> non-empty value lists
     fixed: {steps: 200, ...}      # TrialConfig fields shared by every trial
     reference: true               # also evaluate the base network alone (one cell per seed)
+    control: true                 # also evaluate the cascade at 0 steps (default: as reference)
     seeds: [0]                    # repeats of every cell
     requires: [data, checkpoint]  # fields the user must give (on the command line) to run it
     resources: {cpu: 1, gpu: 0.5} # per trial; fractional GPUs let small trials share a device
@@ -24,7 +25,8 @@ answers. Its keys (anything else is an error naming the file and the key):
 
 Every cell is validated through `TrialConfig.from_dict` here, so a bad value fails before any Ray
 process starts. A cell's trial id is a function of its resolved config (readable prefix + hash of
-the fields that change its results): `k2-l0.6-s0-1a2b3c4d`, `ref-s0-...`. With lambda_ = 0 the
+the fields that change its results): `k2-l0.6-s0-1a2b3c4d`, `ref-s0-...`, `ctl-s0-...` (the
+control: the cascade at 0 steps, the base applied to its own output). With lambda_ = 0 the
 L_REG term vanishes, so k is irrelevant: both k cells run one trial (k set to `LAMBDA0_K`) and the
 plan files it under both rows.
 
@@ -49,7 +51,7 @@ from cascade.errors import UserError
 from cascade.io import parse_yaml
 from orchestrator import identity, preflight
 
-TOP_KEYS = ("name", "grid", "fixed", "reference", "seeds", "requires", "resources",
+TOP_KEYS = ("name", "grid", "fixed", "reference", "control", "seeds", "requires", "resources",
             "max_concurrent", "max_failures", "search")
 SEARCH_KEYS = ("algorithm", "metric", "mode", "num_samples", "seed", "params", "scheduler")
 RESOURCE_KEYS = ("cpu", "gpu")
@@ -64,6 +66,8 @@ SCHEDULERS = ("asha",)
 REQUIRE_FLAGS = {"data": "--data DIR", "checkpoint": "--checkpoint PATH",
                  "backgrounds": "--backgrounds DIR", "test_data": "--test-data DIR"}
 LAMBDA0_K = 1  # the k a lambda_ = 0 trial is run with (any k gives the same loss)
+# Trial-id prefixes of the evaluation-only kinds (cascade.config.EVAL_ONLY_KINDS).
+EVAL_ONLY_PREFIX = {"reference": "ref", "control": "ctl"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -106,8 +110,8 @@ class Cell:
     """
 
     trial_id: str
-    kind: str  # "cascade" or "reference"
-    k: int | None  # the grid's k (None for the reference); config.k may be LAMBDA0_K
+    kind: str  # "cascade", "reference" or "control" (cascade.config.KINDS)
+    k: int | None  # the grid's k (None for reference and control); config.k may be LAMBDA0_K
     lambda_: float | None
     seed: int
     config: TrialConfig
@@ -165,13 +169,15 @@ def distinct_trials(cells: Iterable[Cell]) -> list[Cell]:
 
 
 def trial_id(cfg: TrialConfig, inputs: dict[str, Any] | None = None) -> str:
-    """Stable, readable id of a trial's training: `k2-l0.6-s0-<hash>` / `ref-s0-<hash>`.
+    """Stable, readable id of a trial's training: `k2-l0.6-s0-<hash>` / `ref-s0-<hash>` /
+    `ctl-s0-<hash>`.
 
     The hash is the training identity (orchestrator.identity.training_key): the fields that change
     the trained weights plus the content fingerprints of its input files, never their paths.
     """
     inputs = identity.training_inputs(cfg) if inputs is None else inputs
-    prefix = f"ref-s{cfg.seed}" if cfg.kind == "reference" else f"k{cfg.k}-l{cfg.lambda_:.3g}-s{cfg.seed}"
+    prefix = (f"{EVAL_ONLY_PREFIX[cfg.kind]}-s{cfg.seed}" if cfg.kind in EVAL_ONLY_PREFIX
+              else f"k{cfg.k}-l{cfg.lambda_:.3g}-s{cfg.seed}")
     return f"{prefix}-{identity.training_key(cfg, inputs)[:8]}"
 
 
@@ -196,8 +202,8 @@ def cell_for(cfg: TrialConfig, k: int | None = None,
     training, evaluation = fingerprints["training"], fingerprints["evaluation"]
     tid = trial_id(cfg, training)
     prints = {"training": training, "evaluation": evaluation}
-    if cfg.kind == "reference":
-        return Cell(tid, "reference", None, None, cfg.seed, cfg, eval_id(cfg, tid, evaluation), prints)
+    if cfg.kind in EVAL_ONLY_PREFIX:
+        return Cell(tid, cfg.kind, None, None, cfg.seed, cfg, eval_id(cfg, tid, evaluation), prints)
     return Cell(tid, "cascade", cfg.k if k is None else k, cfg.lambda_, cfg.seed, cfg,
                 eval_id(cfg, tid, evaluation), prints)
 
@@ -217,11 +223,13 @@ def load_space(
     max_concurrent: int | None = None,
     protocol: str | None = None,
     base_kind: str | None = None,
+    eval_mode: str | None = None,
+    eval_size: int | None = None,
 ) -> SweepSpace:
     """Read, validate and expand a search space; the keyword arguments are command-line overrides.
 
-    `seeds=N` replaces the file's seeds by 0..N-1; `protocol` the evaluation protocol (a new
-    evaluation of the same trials, no retraining). Raises UserError (one line, naming the file and
+    `seeds=N` replaces the file's seeds by 0..N-1; `protocol`, `eval_mode` and `eval_size` the
+    evaluation (a new evaluation of the same trials, no retraining). Raises UserError (one line, naming the file and
     key) on anything the orchestrator would not understand.
     """
     path = Path(path)
@@ -235,9 +243,11 @@ def load_space(
     fixed = _mapping(raw.get("fixed", {}), f"{where}: fixed")
     for key in ("kind", "seed"):
         if key in fixed:
-            raise UserError(f"{where}: fixed.{key} is set by the sweep (use `reference` / `seeds`)")
+            raise UserError(f"{where}: fixed.{key} is set by the sweep (use `reference`, "
+                            "`control` / `seeds`)")
     cli = {"data": data, "backgrounds": backgrounds, "test_data": test_data, "checkpoint": checkpoint,
-           "protocol": protocol, "base_kind": base_kind}
+           "protocol": protocol, "base_kind": base_kind, "eval_mode": eval_mode,
+           "eval_size": eval_size}
     fixed.update({key: value for key, value in cli.items() if value is not None})
     for key in PATH_FIELDS:
         if isinstance(fixed.get(key), str):
@@ -255,8 +265,8 @@ def load_space(
     missing = [r for r in requires if fixed.get(r) is None]
     if missing:
         flags = " and ".join(REQUIRE_FLAGS[r] for r in missing)
-        raise UserError(f"{where} needs {flags} (e.g. make sweep SPACE={path.stem} "
-                        "DATA=/data/Flare7Kpp CKPT=/ckpt/net_g_last.pth)")
+        raise UserError(f"{where} needs {flags} (the command with every input is at the top of "
+                        "the file; README: \"Running the real experiment\")")
 
     seed_list = _seeds(raw["seeds"], where) if seeds is None else _seed_count(seeds)
     resources = _resources(raw.get("resources", {}), where)
@@ -278,6 +288,9 @@ def load_space(
     reference = raw.get("reference", False)
     if not isinstance(reference, bool):
         raise UserError(f"{where}: reference={reference!r} is invalid; expected true or false")
+    control = raw.get("control", reference)  # the control is read against the reference
+    if not isinstance(control, bool):
+        raise UserError(f"{where}: control={control!r} is invalid; expected true or false")
     search = None
     if "search" in raw:
         if "grid" in raw:
@@ -294,10 +307,10 @@ def load_space(
 
     cells: list[Cell] = []
     for seed in seed_list:
-        if reference:
-            ref = TrialConfig.from_dict({**fixed, "kind": "reference", "seed": seed},
-                                        where=f"{where}: reference cell")
-            cells.append(cell_for(ref))
+        for kind in [k for k, on in (("reference", reference), ("control", control)) if on]:
+            cfg = TrialConfig.from_dict({**fixed, "kind": kind, "seed": seed},
+                                        where=f"{where}: {kind} cell")
+            cells.append(cell_for(cfg))
         for values in itertools.product(*grid.values()) if grid else ():
             point = dict(zip(grid, values))
             label = ", ".join(f"{k}={v!r}" for k, v in point.items())

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cascade.config import KINDS
 from cascade.errors import UserError
 from orchestrator.record import SweepRecord
 
@@ -33,8 +34,11 @@ LPIPS_METRIC = "lpips_entire"
 # (the measured d(p, n), a dict) and the lpips_* provenance exist in metrics.json only.
 FACT_KEYS = ("protocol", "encoder", "encoder_pretrained", "data", "test_data", "test_data_dir",
              "checkpoint", "n_images", "seed", "reduction", "encoder_features", "margin",
-             "random_erasing", "base_kind", "eval_mode", "lpips", "lpips_weights_source",
-             "lpips_fingerprint", "lpips_reason", "d_pn")
+             "random_erasing", "random_erasing_on", "base_kind", "eval_mode", "eval_size", "lpips",
+             "lpips_weights_source", "lpips_fingerprint", "lpips_reason", "d_pn",
+             # the settings the paper leaves open, for the caption (`training_text`)
+             "data_loader", "optimizer", "lr", "momentum", "weight_decay", "schedule", "steps",
+             "batch_size", "crop")
 # "stopped": ended early by the scheduler (stopped.json), never resumed; "pending": not finished
 # (not started, running or interrupted).
 STATUSES = ("done", "failed", "stopped", "pending")
@@ -125,8 +129,8 @@ def _plan_row(i: int, cell: Any, where: Path) -> dict[str, Any]:
         raise UserError(f"{where}: cells[{i}] needs a string 'trial_id'")
     config = cell.get("config") or {}
     kind = cell.get("kind", config.get("kind", "cascade"))
-    if kind not in ("cascade", "reference"):
-        raise UserError(f"{where}: cells[{i}] kind={kind!r}; expected cascade or reference")
+    if kind not in KINDS:
+        raise UserError(f"{where}: cells[{i}] kind={kind!r}; expected one of {', '.join(KINDS)}")
 
     def field(key: str) -> Any:
         return cell[key] if key in cell else config.get(key)
@@ -139,9 +143,9 @@ def _plan_row(i: int, cell: Any, where: Path) -> dict[str, Any]:
         "trial_id": cell["trial_id"],
         "eval_id": str(cell.get("eval_id") or ""),
         "kind": kind,
-        # The reference has no k/λ of its own: keep NaN so it never lands in a cascade row.
-        "k": pd.NA if kind == "reference" or k is None else int(k),
-        "lambda_": np.nan if kind == "reference" or lambda_ is None else float(lambda_),
+        # Reference and control have no k/λ of their own: NaN, so they never land in a cascade row.
+        "k": pd.NA if kind != "cascade" or k is None else int(k),
+        "lambda_": np.nan if kind != "cascade" or lambda_ is None else float(lambda_),
         "seed": pd.NA if seed is None else int(seed),
         # Trials a search algorithm sampled (not grid cells); rows ordered after the grid's.
         "sampled": isinstance(cell.get("sampled"), dict),
@@ -239,13 +243,37 @@ def describe_trials(sweep: SweepResults, cells: pd.DataFrame) -> dict[str, Any]:
         "reduction": ours("reduction"),
         "encoder_features": ours("encoder_features"),
         "random_erasing": ours("random_erasing"),
+        "random_erasing_on": ours("random_erasing_on"),
         "margin": ours("margin"),
         "base_kind": known("base_kind", facts),
         "eval_mode": known("eval_mode", facts),
+        "eval_size": known("eval_size", facts),
+        "data_loader": ours("data_loader"),
+        "training": "; ".join(dict.fromkeys(training_text(f) for f in cascade)),
         "lpips": known("lpips", facts),
         "lpips_fingerprint": known("lpips_fingerprint", facts),
         "lpips_reason": known("lpips_reason", facts),
     }
+
+
+LOADER_TEXT = {"flare7k": "Flare7K v1 loader", "flare7kpp": "Flare7K++ loader",
+               "procedural": "procedural pairs"}
+
+
+def training_text(facts: dict[str, Any]) -> str:
+    """How one cascade trial was fine-tuned, as a caption says it: `SGD, lr 0.001, momentum 0,
+    weight decay 0, constant schedule, 1000 steps x 8 crops of 128 px (Flare7K v1 loader)`;
+    "?" where a fact is unrecorded (older results)."""
+    def get(key: str) -> str:
+        value = facts.get(key)
+        return "?" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    loader = LOADER_TEXT.get(str(facts.get("data_loader")), get("data_loader"))
+    optimizer = get("optimizer")
+    return (f"{optimizer.upper() if optimizer == 'sgd' else optimizer}, lr {get('lr')}, "
+            f"momentum {get('momentum')}, weight decay {get('weight_decay')}, "
+            f"{get('schedule')} schedule, {get('steps')} steps x {get('batch_size')} crops of "
+            f"{get('crop')} px ({loader})")
 
 
 def distance_summary(sweep: SweepResults, cells: pd.DataFrame) -> dict[str, float]:

@@ -150,6 +150,7 @@ def _fidelity_facts(cell: tuple[int | None, float] | None, seed: int, lpips_weig
     return {
         "reduction": "mean" if cascade else None, "encoder_features": "cls" if cascade else None,
         "random_erasing": 0.5 if cascade else None, "margin": 0.1 if cascade else None,
+        "random_erasing_on": "input" if cascade else None,
         "d_pn": fidelity_d_pn(cell[1], seed) if cascade else None,
         "base_kind": "flare7kpp", "eval_mode": "native", "lpips": "flare7k",
         "lpips_entire": fidelity_lpips(cell, seed) if lpips_weights else None,

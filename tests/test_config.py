@@ -114,7 +114,7 @@ def test_torch_free_choices_mirror_the_modules_that_own_them():
     from cascade import lpips_score, model
 
     assert config.BASE_KINDS == model.BASE_KINDS
-    assert config.EVAL_MODES == model.MODES
+    assert config.INFERENCE_MODES == model.MODES
     assert config.LPIPS_CONVENTIONS == tuple(lpips_score.LPIPS_CONVENTIONS)
     assert TrialConfig().lpips == lpips_score.DEFAULT_CONVENTION
     # (REDUCTIONS and ENCODER_FEATURES: tests/test_losses.py and tests/test_encoders.py)
@@ -178,7 +178,7 @@ def test_field_classes_partition_and_name_real_fields():
 
 # A valid other value for every evaluation-only field.
 EVAL_CHANGES = {"protocol": "flare7k", "ssim_window": "gaussian", "test_data": "/t", "n_test": 7,
-                "eval_mode": "flare7k-large", "lpips": "standard", "lpips_weights": "/w.pth",
+                "eval_mode": "flare7k-large", "eval_size": 64, "lpips": "standard", "lpips_weights": "/w.pth",
                 "base_kind": "flare7kpp", "n_samples": 1}
 
 

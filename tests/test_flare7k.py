@@ -308,8 +308,8 @@ def test_affine_center_crop_is_torchvision(shape: tuple[int, int], size: int) ->
 
 
 # -- augmentation --------------------------------------------------------------------------------
-def test_random_erasing_changes_input_only(tree: tuple[Path, Path]) -> None:
-    kw = dict(crop=16, seed=2, synth_size=SYNTH)
+def test_random_erasing_on_the_input_changes_input_only(tree: tuple[Path, Path]) -> None:
+    kw = dict(crop=16, seed=2, synth_size=SYNTH, erasing_on="input")
     plain = flare7k.Flare7KPairs(tree[0], tree[1], **kw).batch([0, 1, 2, 3])
     off = flare7k.Flare7KPairs(tree[0], tree[1], random_erasing=0.0, **kw)
     for x, y in zip(plain, off.batch([0, 1, 2, 3])):
@@ -327,6 +327,49 @@ def test_random_erasing_changes_input_only(tree: tuple[Path, Path]) -> None:
         assert bool((inp[i][:, inside] == 0).all())
         torch.testing.assert_close(inp[i][:, ~inside], plain[0][i][:, ~inside], rtol=0, atol=0)
         assert not torch.equal(inp[i], plain[0][i])
+
+
+def test_random_erasing_of_the_background_puts_one_box_in_input_and_gt(tmp_path: Path) -> None:
+    # The paper's reading: the background is erased before the flare is added. The same box (the
+    # one `erase_box` draws for the sample, in the returned crop, after the crop and the flips)
+    # changes gt and input; nothing outside it changes. Backgrounds are flat and bright (level
+    # 200), so zeroing them changes every pixel of the box in gt.
+    # A dim flare, so that input = clamp(background + flare) does not saturate over the box.
+    base = tmp_path / "Flare7k"
+    write_png(base / "Scattering_Flare/Compound_Flare/f0.png", _blob(16 * 12, 40))
+    write_png(base / "Reflective_Flare/r0.png", _blob(16 * 6, 20))
+    bg = _backgrounds(tmp_path / "bg", level=200)
+    kw = dict(crop=16, seed=3, synth_size=SYNTH, loader="flare7k")
+    plain = flare7k.Flare7KPairs(base, bg, **kw).batch(range(6))
+    on = flare7k.Flare7KPairs(base, bg, random_erasing=1.0, erasing_on="background", **kw)
+    inp, gt, flare = on.batch(range(6))
+    torch.testing.assert_close(flare, plain[2], rtol=0, atol=0)  # the flare target is untouched
+    for i in range(6):
+        top, left, h, w = erase_box(erasing_generator(on.decode(i).seed), 16, 16, 1.0)
+        inside = torch.zeros(16, 16, dtype=torch.bool)
+        inside[top:top + h, left:left + w] = True
+        gt_changed = (gt[i] != plain[1][i]).any(dim=0)
+        assert bool(gt_changed[inside].all()) and not bool(gt_changed[~inside].any())
+        in_changed = (inp[i] != plain[0][i]).any(dim=0)
+        assert not bool(in_changed[~inside].any()) and bool(in_changed[inside].any())
+        # The box holds the same content in input and gt where no flare is on it.
+        no_flare = inside & (flare[i].amax(dim=0) == 0)
+        torch.testing.assert_close(inp[i][:, no_flare], gt[i][:, no_flare], rtol=0, atol=0)
+
+
+def test_v1_loader_ignores_the_light_source_folder_the_v1_release_ships(tmp_path: Path) -> None:
+    # The v1 release has Scattering_Flare/Light_Source, which its loader never reads: by layout
+    # the data would be taken for Flare7K++; loader="flare7k" reads Compound_Flare and
+    # Reflective_Flare only (no Flare-R).
+    base, bg = _tree(tmp_path, light=True)
+    by_layout = flare7k.Flare7KPairs(base, bg, crop=16, seed=0, synth_size=SYNTH)
+    v1 = flare7k.Flare7KPairs(base, bg, crop=16, seed=0, synth_size=SYNTH, loader="flare7k")
+    assert by_layout.loader == "flare7kpp" and v1.loader == "flare7k"
+    assert [s.name for s in v1.sets] == ["Flare7K"] and v1.sets[0].lights is None
+    assert len(v1.reflective_files) == 1
+    with pytest.raises(UserError, match="data_loader=flare7kpp needs Scattering_Flare/Light_Source"):
+        flare7k.find_flare_sets(_tree(tmp_path / "v1", light=False)[0], "flare7kpp")
+    assert flare7k.LOADERS == __import__("cascade.config", fromlist=["x"]).DATA_LOADERS
 
 
 def test_light_source_kept_in_gt(tree: tuple[Path, Path]) -> None:

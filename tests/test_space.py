@@ -65,17 +65,33 @@ def _error(tmp_path: Path, text: str, **overrides) -> str:
 def test_grid_expands_seeds_x_reference_and_cells_with_lambda0_shared(tmp_path):
     space = _load(tmp_path, GRID)
     assert space.name == "grid" and space.question == "Which k and lambda_ are best? (a test space)"
-    assert len(space.cells) == 2 * (1 + 6)
-    assert [(c.kind, c.k, c.lambda_, c.seed) for c in space.cells[:7]] == [
-        ("reference", None, None, 0), ("cascade", 1, 1.0, 0), ("cascade", 1, 0.5, 0),
-        ("cascade", 1, 0.0, 0), ("cascade", 2, 1.0, 0), ("cascade", 2, 0.5, 0), ("cascade", 2, 0.0, 0)]
+    # Per seed: the reference, the control (default: on with the reference), the 6 grid cells.
+    assert len(space.cells) == 2 * (2 + 6)
+    assert [(c.kind, c.k, c.lambda_, c.seed) for c in space.cells[:8]] == [
+        ("reference", None, None, 0), ("control", None, None, 0), ("cascade", 1, 1.0, 0),
+        ("cascade", 1, 0.5, 0), ("cascade", 1, 0.0, 0), ("cascade", 2, 1.0, 0),
+        ("cascade", 2, 0.5, 0), ("cascade", 2, 0.0, 0)]
     zero = [c for c in space.cells if c.lambda_ == 0.0 and c.seed == 0]
     assert [c.k for c in zero] == [1, 2]
     assert zero[0].trial_id == zero[1].trial_id and zero[0].config.k == LAMBDA0_K
-    assert len(space.trials()) == 2 * 6
-    assert len({c.trial_id for c in space.cells}) == 12
+    assert len(space.trials()) == 2 * 7
+    assert len({c.trial_id for c in space.cells}) == 14
     assert all(c.config.steps == 10 for c in space.cells)
     assert space.cells[0].to_json()["config"]["kind"] == "reference"
+    control = space.cells[1]
+    assert control.trial_id.startswith("ctl-s0-") and control.config.kind == "control"
+    assert control.trial_id != space.cells[0].trial_id
+
+
+def test_control_follows_the_reference_unless_set(tmp_path):
+    kinds = [c.kind for c in _load(tmp_path, GRID.replace("reference: true", "reference: false")).cells]
+    assert "control" not in kinds and "reference" not in kinds
+    off = _load(tmp_path, GRID.replace("reference: true", "reference: true\ncontrol: false"))
+    assert [c.kind for c in off.cells].count("control") == 0
+    alone = _load(tmp_path, GRID.replace("reference: true", "reference: false\ncontrol: true"))
+    assert [c.kind for c in alone.cells].count("control") == 2
+    assert "control='yes' is invalid" in _error(
+        tmp_path, GRID.replace("reference: true", "reference: true\ncontrol: 'yes'"))
 
 
 def test_trial_id_is_stable_readable_and_ignores_runtime_only_fields():
@@ -96,7 +112,7 @@ def test_cli_overrides_seeds_gpus_concurrency_and_paths_become_absolute(tmp_path
     grid = GRID.replace("steps: 10", "steps: 10\n  device: auto\n  base_kind: flare7kpp")
     space = _load(tmp_path, grid, seeds=3, gpus_per_trial=0.25, max_concurrent=5,
                   checkpoint="rel/net.pth")
-    assert space.seeds == (0, 1, 2) and len(space.cells) == 21
+    assert space.seeds == (0, 1, 2) and len(space.cells) == 24
     assert space.resources.gpu == 0.25 and space.max_concurrent == 5
     assert space.cells[0].config.checkpoint == str(tmp_path / "rel" / "net.pth")
     assert "checkpoint=" in _error(tmp_path, grid, checkpoint=str(tmp_path / "missing.pth"))
@@ -118,24 +134,39 @@ def test_search_space(tmp_path):
 
 def test_shipped_spaces_load(tmp_path):
     demo = load_space(ROOT / "search_spaces" / "demo.yaml")
-    # 3 seeds x (the reference + 12 cells), the two lambda_=0 cells of a seed one trial
-    assert len(demo.cells) == 39 and len(demo.trials()) == 36
+    # 3 seeds x (the reference + the control + 12 cells), the two lambda_=0 cells of a seed one trial
+    assert len(demo.cells) == 42 and len(demo.trials()) == 39
     assert {c.seed for c in demo.cells} == {0, 1, 2}
-    assert demo.cells[0].kind == "reference"
+    assert [c.kind for c in demo.cells[:3]] == ["reference", "control", "cascade"]
     optuna = load_space(ROOT / "search_spaces" / "lambda_optuna.yaml")
     assert optuna.search is not None and optuna.search.algorithm == "optuna"
     for image in ("Flare7Kpp/Flare7K/Scattering_Flare/Compound_Flare/f.png", "Flickr24K/b.jpg",
-                  "Flare7Kpp/test_data/real/input/000.png"):
-        (tmp_path / image).parent.mkdir(parents=True)
+                  "Flare7Kpp/test_data/real/input/000.png", "Flare7k/Scattering_Flare/Compound_Flare/f.png"):
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / image).write_bytes(b"not decoded: fingerprints read names and sizes")
     (tmp_path / "net.pth").touch()
-    table1 = load_space(ROOT / "search_spaces" / "table1.yaml", data=str(tmp_path / "Flare7Kpp"),
-                        checkpoint=str(tmp_path / "net.pth"))
+    # table1.yaml: Flare7K v1 data, and the masked real test images given explicitly.
+    assert "needs --test-data DIR" in _error(tmp_path, (ROOT / "search_spaces" / "table1.yaml").read_text(),
+                                             data=str(tmp_path / "Flare7k"), checkpoint=str(tmp_path / "net.pth"))
+    table1 = load_space(ROOT / "search_spaces" / "table1.yaml", data=str(tmp_path / "Flare7k"),
+                        checkpoint=str(tmp_path / "net.pth"),
+                        test_data=str(tmp_path / "Flare7Kpp" / "test_data" / "real"))
     assert table1.cells[0].config.backgrounds == str(tmp_path / "Flickr24K")  # found beside data
+    assert [c.kind for c in table1.cells[:2]] == ["reference", "control"]
     assert {(c.k, c.lambda_) for c in table1.cells if c.kind == "cascade"} == {
         (k, lam) for k in (1, 2) for lam in (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)}
-    assert table1.cells[1].config.encoder == "vit_l16_swag" and table1.cells[1].config.crop == 128
+    cfg = table1.cells[2].config
+    assert (cfg.encoder, cfg.crop, cfg.base_kind, cfg.data_loader) == ("vit_l16_swag_e2e", 128, "flare7k", "flare7k")
+    assert (cfg.eval_mode, cfg.eval_size, cfg.random_erasing_on) == ("resize-bilinear", 128, "background")
+    assert table1.seeds == (0, 1, 2)
     assert space_name(ROOT / "search_spaces" / "table1.yaml") == "table1"
+    assert load_space(ROOT / "search_spaces" / "table1.yaml", data=str(tmp_path / "Flare7k"),
+                      checkpoint=str(tmp_path / "net.pth"), seeds=1,
+                      test_data=str(tmp_path / "Flare7Kpp" / "test_data" / "real"),
+                      eval_mode="tiles").cells[0].config.eval_mode == "tiles"
+    pp = load_space(ROOT / "search_spaces" / "table1_flare7kpp.yaml", data=str(tmp_path / "Flare7Kpp"),
+                    checkpoint=str(tmp_path / "net.pth"))
+    assert (pp.cells[2].config.base_kind, pp.cells[2].config.eval_mode) == ("flare7kpp", "native")
 
 
 # -- schema errors -------------------------------------------------------------------------------

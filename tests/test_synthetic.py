@@ -244,13 +244,34 @@ def test_noise_is_flare7k_sized_relative_to_the_scene() -> None:
     assert np.mean(ssims) > 0.9
 
 
+def test_random_erasing_of_the_background_is_in_input_and_gt_at_the_crop() -> None:
+    # "background": the scene is zeroed in the box before lights and flare are added; the box is
+    # a box of the returned crop, also when the crop is a window of a larger frame.
+    idx = [0, 5, 2]
+    kw = dict(seed=3, frame=2 * SIZE)
+    plain = synthetic.ProceduralPairs(SIZE, **kw).batch(idx)
+    inp, gt, flare = synthetic.ProceduralPairs(SIZE, random_erasing=1.0, erasing_on="background",
+                                               **kw).batch(idx)
+    torch.testing.assert_close(flare, plain[2], rtol=0, atol=0)
+    for j, i in enumerate(idx):
+        top, left, h, w = erase_box(erasing_generator(synthetic.split_seed("train", 3, 0, i)),
+                                    SIZE, SIZE, 1.0)
+        inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+        inside[top:top + h, left:left + w] = True
+        for new, old in ((gt[j], plain[1][j]), (inp[j], plain[0][j])):
+            changed = (new != old).any(dim=0)
+            assert not bool(changed[~inside].any())
+        assert bool((gt[j] != plain[1][j]).any(dim=0)[inside].any())  # the box is in gt
+
+
 def test_random_erasing_changes_input_only(pairs: synthetic.ProceduralPairs) -> None:
     idx = [0, 5, 2]
     plain = pairs.batch(idx)
     off = synthetic.ProceduralPairs(SIZE, seed=3, random_erasing=0.0).batch(idx)
     for x, y in zip(plain, off):  # p = 0: exactly today's pairs
         torch.testing.assert_close(x, y, rtol=0, atol=0)
-    inp, gt, flare = synthetic.ProceduralPairs(SIZE, seed=3, random_erasing=1.0).batch(idx)
+    inp, gt, flare = synthetic.ProceduralPairs(SIZE, seed=3, random_erasing=1.0,
+                                               erasing_on="input").batch(idx)
     torch.testing.assert_close(gt, plain[1], rtol=0, atol=0)
     torch.testing.assert_close(flare, plain[2], rtol=0, atol=0)
     for j, i in enumerate(idx):

@@ -114,10 +114,32 @@ def test_lambda_one_records_no_distances(cache, tmp_path):
 
 def test_random_erasing_reaches_the_procedural_pairs(cache):
     plain = T.build_pairs(tiny(cache)).batch([0, 1, 2, 3])
-    erased = T.build_pairs(tiny(cache, random_erasing=1.0)).batch([0, 1, 2, 3])
+    erased = T.build_pairs(tiny(cache, random_erasing=1.0, random_erasing_on="input")).batch([0, 1, 2, 3])
     assert T.data_loader(T.build_pairs(tiny(cache))) == "procedural"
     assert not torch.equal(plain[0], erased[0])  # the input has its box
     assert torch.equal(plain[1], erased[1]) and torch.equal(plain[2], erased[2])  # gt, flare not
+    # The paper's reading (the default target): the box is in the ground truth too.
+    background = T.build_pairs(tiny(cache, random_erasing=1.0)).batch([0, 1, 2, 3])
+    assert not torch.equal(plain[1], background[1]) and torch.equal(plain[2], background[2])
+
+
+def test_procedural_fine_tuning_pairs_are_crops_of_test_size_frames(cache):
+    # Training crops are windows of frames at the test resolution, as the base's: flares have the
+    # test images' scale in pixels (lambda_optuna.yaml: 64 px crops, 128 px test images).
+    pairs = T.build_pairs(tiny(cache, crop=32, test_size=64))
+    assert (pairs.size, pairs.frame) == (32, 64)
+    assert T.build_pairs(tiny(cache, crop=32, test_size=32)).frame == 32
+
+
+def test_a_control_trial_is_the_untrained_cascade(cache, tmp_path):
+    # kind "control": the cascade at 0 steps, evaluated as the cascade is, never trained.
+    control = T.train(tiny(cache, kind="control"), output_dir=tmp_path / "ctl")
+    zero = T.train(tiny(cache, steps=0, lambda_=1.0, delta=0.0), output_dir=tmp_path / "zero")
+    reference = T.train(tiny(cache, kind="reference"), output_dir=tmp_path / "ref")
+    assert control["kind"] == "control" and control["steps"] == 0 and control["k"] is None
+    for m in ("psnr_entire", "ssim_entire", "psnr_streak"):
+        assert control[m] == zero[m]  # the same network, the same evaluation
+    assert control["psnr_entire"] != reference["psnr_entire"]  # the base applied twice is not the base
 
 
 @pytest.fixture(scope="module")

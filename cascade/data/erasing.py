@@ -7,14 +7,18 @@ smaller than the image, else nothing is erased) is set to `value`. `erase_box` m
 random draws in torchvision's order, so with a generator seeded s it picks the box that
 `RandomErasing` picks after `torch.manual_seed(s)` (tested).
 
-Input only, why: the paper (Song & Bae) lists random erasing next to random crop and flips as a
-training augmentation and gives no further detail. Random erasing (Zhong et al., AAAI 2020) is an
-occlusion augmentation of the network's *input*: the target stays the clean image, so the network
-learns to restore content it cannot see instead of copying it. Erasing the same box in input and
-gt would instead teach "black in, black out" and leave the loss there at zero; only the input is
-therefore erased, and gt and the flare target are left unchanged (input = gt + flare no longer
-holds inside the box, on purpose). Used by `Flare7KPairs` and `ProceduralPairs`, after the crop
-and flips, so the box is relative to the returned crop.
+Two targets (`TrialConfig.random_erasing_on`, names in `cascade.config.ERASING_TARGETS`):
+- "background": the box is erased in the flare-free background before the flare (and, in
+  Flare7K++ data, the light source) is composited onto it, so it is in the input *and* in the
+  ground truth. That is what the paper's sentence says: "the background images were augmented
+  using random crop, vertical flip, horizontal flip, and random erasing techniques" — an
+  augmentation of the backgrounds, like the crop and flips beside it (`background_boxes`).
+- "input": the box is erased in the network's input only and the ground truth keeps the content
+  (Zhong et al., AAAI 2020: an occlusion augmentation; input = gt + flare no longer holds inside
+  the box). Kept as a named option: it teaches something else, filling in unseen content.
+Either way the box is drawn relative to the returned training crop (same box statistics for both
+targets), from the same per-sample stream, so the two options erase the same box of the same
+sample. Used by `Flare7KPairs` and `ProceduralPairs`.
 
 Randomness: each sample's box comes from a CPU `torch.Generator` seeded by
 `derive_seed("flaresweep-erasing", sample seed)`, a stream separate from every other use of that
@@ -66,6 +70,19 @@ def erasing_generator(sample_seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed("flaresweep-erasing", int(sample_seed)))
 
 
+def sample_boxes(seeds: Sequence[int], height: int, width: int, p: float
+                 ) -> list[tuple[int, int, int, int] | None]:
+    """Each sample's box (top, left, h, w) in a `height` x `width` crop, or None (see module doc).
+
+    The boxes `random_erase` erases with the same arguments; callers that erase a background
+    before compositing (the "background" target) place them themselves."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"random erasing: p={p} is not a probability in [0, 1]")
+    if p == 0:
+        return [None] * len(seeds)
+    return [erase_box(erasing_generator(sd), height, width, p) for sd in seeds]
+
+
 def random_erase(x: torch.Tensor, seeds: Sequence[int], p: float,
                  value: float = VALUE) -> torch.Tensor:
     """Erase one random box per sample of `x` (B, C, H, W) with probability `p`.
@@ -75,14 +92,8 @@ def random_erase(x: torch.Tensor, seeds: Sequence[int], p: float,
     """
     if len(seeds) != x.shape[0]:
         raise ValueError(f"random_erase: {len(seeds)} seeds for a batch of {x.shape[0]}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"random_erase: p={p} is not a probability in [0, 1]")
     out = x.clone()
-    if p == 0:
-        return out
-    height, width = x.shape[-2:]
-    for i, sd in enumerate(seeds):
-        box = erase_box(erasing_generator(sd), height, width, p)
+    for i, box in enumerate(sample_boxes(seeds, x.shape[-2], x.shape[-1], p)):
         if box is not None:
             top, left, h, w = box
             out[i, :, top:top + h, left:left + w] = value

@@ -9,7 +9,9 @@ Layout (either the Flare7K++ root or the Flare7K folder itself may be given as `
 `backgrounds` is a flat folder of flare-free images (Flickr24K).
 
 Two kinds of data, two official loaders (ykdai/Flare7K @ d1fb66e; step-by-step table with
-file:line in docs/fidelity.md):
+file:line in docs/fidelity.md), chosen by `loader` (`TrialConfig.data_loader`) or, without one, by
+the layout. The v1 release also ships a Scattering_Flare/Light_Source folder that its loader never
+reads, so v1 data needs `loader="flare7k"`; by layout it would be taken for Flare7K++:
 - With Light_Source folders, Flare7K++ (`basicsr/data/flare7kpp_dataset.py`, baseline option
   `options/uformer_flare7kpp_baseline_option.yml`): a flare set is drawn 1:1 (`data_ratio`), then
   a file uniformly; every Flare7K scattering flare gets a random reflective flare, no Flare-R
@@ -29,8 +31,11 @@ round(U(-1, 1) * 300/1440 * width) px and likewise for the height (a fraction of
 size, so any size works); centre crop 512 (zero padded if smaller); h/v flips; Gaussian blur (21
 taps, sigma U(0.1, 3)); clamp. input = clamp(background + flare); Flare7K++: gt = clamp(background
 + light), flare target = clamp(flare - light); v1: gt = background, flare target = flare; all
-re-encoded with x^(1/gamma). Then ours: random crop to `crop` and h/v flips of the whole pair, and
-random erasing of the input (`cascade.data.erasing`).
+re-encoded with x^(1/gamma). Then ours: random crop to `crop` and h/v flips of the whole pair.
+Random erasing (`cascade.data.erasing`, `erasing_on`): "background" zeroes the box in the
+8-bit background before it is linearised, noised and composited (so the box, with the camera
+noise on it, is in the input and in the ground truth; the box sits where the final crop will be,
+so it is a box of the training crop); "input" zeroes it in the final input only.
 
 Geometry: at `synth_size` 512 every file is used at its own pixels, exactly as officially. Any
 other `synth_size` S renders the same pairs at scale S/512: backgrounds and flare files are
@@ -67,7 +72,8 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from cascade.data.erasing import random_erase
+from cascade.config import ERASING_TARGETS
+from cascade.data.erasing import VALUE, random_erase, sample_boxes
 from cascade.data.images import read_rgb
 from cascade.data.synthetic import sample_seed
 from cascade.errors import UserError
@@ -77,6 +83,7 @@ from cascade.seeds import derive_seed
 _REF_SIZE = 512  # Flare7K's `img_size`: background crop and flare centre crop, px
 _TRANSLATE = 300 / 1440  # RandomAffine translate: `translate / 1440`, a fraction of the size
 _FLARE7K, _FLARE_R = "Flare7K", "Flare-R"
+LOADERS = ("flare7k", "flare7kpp")  # cascade.config.DATA_LOADERS (a test keeps them equal)
 
 
 @dataclass(frozen=True)
@@ -88,17 +95,28 @@ class FlareSet:
     lights: tuple[Path, ...] | None
 
 
-def find_flare_sets(root: str | os.PathLike) -> tuple[list[FlareSet], list[Path]]:
+def find_flare_sets(root: str | os.PathLike, loader: str | None = None
+                    ) -> tuple[list[FlareSet], list[Path]]:
     """Scattering flare sets and reflective flare files under a Flare7K(++) root.
 
+    `loader`: "flare7k" reads what the v1 loader reads (uformer_flare7k_option.yml:15-18:
+    Scattering_Flare/Compound_Flare and Reflective_Flare), ignoring Light_Source folders (the v1
+    release ships one, which its loader never reads) and Flare-R; "flare7kpp" needs Light_Source
+    folders; None: by layout (Light_Source folders present -> Flare7K++).
     Raises UserError naming the folder when nothing usable is found or when a Light_Source
     folder does not match its Compound_Flare folder file for file (paired by stem).
     """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: Flare7K folder does not exist")
+    if loader not in (None, *LOADERS):
+        raise UserError(f"data_loader={loader!r}; expected one of {', '.join(LOADERS)} or null")
     flare7k = root / "Flare7K" if (root / "Flare7K").is_dir() else root
-    candidates = [(_FLARE7K, flare7k / "Scattering_Flare"), (_FLARE_R, root / "Flare-R")]
+    if not (flare7k / "Scattering_Flare").is_dir() and (root / "Flare7k").is_dir():
+        flare7k = root / "Flare7k"  # the v1 release spells its folder so
+    candidates = [(_FLARE7K, flare7k / "Scattering_Flare")]
+    if loader != "flare7k":
+        candidates.append((_FLARE_R, root / "Flare-R"))
     sets = []
     for name, base in candidates:
         compound = base / "Compound_Flare"
@@ -108,7 +126,7 @@ def find_flare_sets(root: str | os.PathLike) -> tuple[list[FlareSet], list[Path]
         if not flares:
             raise UserError(f"{compound}: no flare images")
         lights = None
-        if (base / "Light_Source").is_dir():
+        if loader != "flare7k" and (base / "Light_Source").is_dir():
             by_stem = {p.stem: p for p in image_files(base / "Light_Source")}
             missing = [p for p in flares if p.stem not in by_stem]
             if missing or len(by_stem) != len(flares):
@@ -122,6 +140,9 @@ def find_flare_sets(root: str | os.PathLike) -> tuple[list[FlareSet], list[Path]
                         "folder (expected the Flare7K / Flare7K++ layout)")
     if len({s.lights is None for s in sets}) > 1:
         raise UserError(f"{root}: some flare sets have Light_Source folders and some do not")
+    if loader == "flare7kpp" and sets[0].lights is None:
+        raise UserError(f"{root}: data_loader=flare7kpp needs Scattering_Flare/Light_Source (the "
+                        "Flare7K++ layout); use data_loader: flare7k for Flare7K v1 data")
     reflective_dir = flare7k / "Reflective_Flare"
     reflective = image_files(reflective_dir) if reflective_dir.is_dir() else []
     return sets, reflective
@@ -164,21 +185,26 @@ class Flare7KPairs:
             Flare7K flare and no Flare-R one; v1: to every flare) when Reflective_Flare exists;
             False adds none (the option file's "comment this part" variant).
         flips: random horizontal and vertical flips of the whole pair (the paper's augmentation).
-        random_erasing: probability of erasing one box of the input (`cascade.data.erasing`:
-            torchvision RandomErasing, value 0; gt and flare target unchanged).
+        random_erasing: probability of erasing one box per sample (`cascade.data.erasing`:
+            torchvision RandomErasing's box, value 0).
+        erasing_on: "background" (before the flare is added: input and gt) or "input" (input
+            only; gt and flare target unchanged).
+        loader: which official loader's files and steps: "flare7k" (v1), "flare7kpp", or None
+            (by layout: `find_flare_sets`).
         cache_size: decoded flare images kept in memory (per process).
     """
 
     def __init__(self, root: str | os.PathLike, backgrounds: str | os.PathLike, crop: int,
                  seed: int, *, synth_size: int = _REF_SIZE, reflective: bool = True,
-                 flips: bool = True, random_erasing: float = 0.0, cache_size: int = 256) -> None:
+                 flips: bool = True, random_erasing: float = 0.0, erasing_on: str = "background",
+                 loader: str | None = None, cache_size: int = 256) -> None:
         if crop < 16 or synth_size < crop:
             raise UserError(f"Flare7KPairs: need 16 <= crop <= synth_size, got crop={crop}, "
                             f"synth_size={synth_size}")
         if not 0.0 <= random_erasing <= 1.0:
             raise UserError(f"Flare7KPairs: random_erasing={random_erasing} is not a probability "
                             "in [0, 1]")
-        self.sets, self.reflective_files = find_flare_sets(root)
+        self.sets, self.reflective_files = find_flare_sets(root, loader)
         bg_dir = Path(backgrounds)
         if not bg_dir.is_dir():
             raise UserError(f"{bg_dir}: backgrounds folder does not exist")
@@ -187,7 +213,10 @@ class Flare7KPairs:
             raise UserError(f"{bg_dir}: no background images")
         self.crop, self.seed, self.synth_size = int(crop), int(seed), int(synth_size)
         self.reflective, self.flips = bool(reflective), bool(flips)
-        self.random_erasing = float(random_erasing)
+        if erasing_on not in ERASING_TARGETS:
+            raise UserError(f"Flare7KPairs: erasing_on={erasing_on!r}; expected one of "
+                            + ", ".join(ERASING_TARGETS))
+        self.random_erasing, self.erasing_on = float(random_erasing), erasing_on
         self.has_light = self.sets[0].lights is not None
         # Which official loader this data follows (see the module docstring).
         self.loader = "flare7kpp" if self.has_light else "flare7k"
@@ -290,7 +319,10 @@ class Flare7KPairs:
         def col(key: str) -> torch.Tensor:  # (B,) parameter -> (B, 1, 1, 1) on the device
             return p[key].to(device).view(-1, 1, 1, 1)
 
-        bg = (torch.stack([r.background for r in raw]).to(device, torch.float32) / 255) ** gamma
+        bg = torch.stack([r.background for r in raw]).to(device, torch.float32) / 255
+        if self.random_erasing > 0 and self.erasing_on == "background":
+            bg = self._erase_background(bg, seeds, p)
+        bg = bg ** gamma
         noise = torch.stack([torch.randn(3, s, s, device=device, generator=_dev_gen(r.seed, device))
                              for r in raw])
         bg = (col("gain") * (bg + col("sigma") * noise)).clamp(0, 1)
@@ -337,18 +369,43 @@ class Flare7KPairs:
         out = torch.cat([inp, gt, flare_t], 1) ** (1 / gamma)  # (B, 9, S, S) re-encoded
         out = self._augment(out, p)
         inp = out[:, 0:3]
-        if self.random_erasing > 0:
+        if self.random_erasing > 0 and self.erasing_on == "input":
             inp = random_erase(inp, seeds, self.random_erasing)
         return inp.contiguous(), out[:, 3:6].contiguous(), out[:, 6:9].contiguous()
 
+    def _crop_offsets(self, p: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """(top, left) of each sample's `crop` x `crop` window in the synthesised S x S image."""
+        span = self.synth_size - self.crop
+        top = (p["crop_yx"][:, 0] * (span + 1)).long().clamp(max=span)
+        left = (p["crop_yx"][:, 1] * (span + 1)).long().clamp(max=span)
+        return list(zip(top.tolist(), left.tolist()))
+
+    def _erase_background(self, bg: torch.Tensor, seeds: list[int], p: dict[str, torch.Tensor]
+                          ) -> torch.Tensor:
+        """`bg` (B, 3, S, S) in [0, 1] with each sample's erasing box set to 0, before
+        linearisation and noise. The box is a box of the returned training crop: placed where
+        `_augment` will cut that crop, mirrored where it will flip it, so that it ends at the
+        (top, left, h, w) `sample_boxes` gives, as the "input" target's box does."""
+        bg = bg.clone()
+        offsets = self._crop_offsets(p)
+        flips = p["pair_flip"].tolist() if self.flips else [[0.0, 0.0]] * len(seeds)
+        c = self.crop
+        for i, box in enumerate(sample_boxes(seeds, c, c, self.random_erasing)):
+            if box is None:
+                continue
+            (top, left, h, w), (dy, dx) = box, offsets[i]
+            if flips[i][0] > 0.5:  # horizontal flip after the crop: mirror the columns
+                left = c - left - w
+            if flips[i][1] > 0.5:  # vertical flip: mirror the rows
+                top = c - top - h
+            bg[i, :, dy + top:dy + top + h, dx + left:dx + left + w] = VALUE
+        return bg
+
     def _augment(self, out: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Random crop and h/v flips, identical across input/gt/flare: (B, 9, S, S) -> crop."""
-        s = self.synth_size
-        if self.crop < s:
-            top = (p["crop_yx"][:, 0] * (s - self.crop + 1)).long().clamp(max=s - self.crop)
-            left = (p["crop_yx"][:, 1] * (s - self.crop + 1)).long().clamp(max=s - self.crop)
+        if self.crop < self.synth_size:
             out = torch.stack([out[i, :, t:t + self.crop, lft:lft + self.crop]
-                               for i, (t, lft) in enumerate(zip(top.tolist(), left.tolist()))])
+                               for i, (t, lft) in enumerate(self._crop_offsets(p))])
         if self.flips:
             out = _flip(out, p["pair_flip"].to(out.device))
         return out

@@ -65,7 +65,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cascade.data.erasing import random_erase
+from cascade.config import ERASING_TARGETS
+from cascade.data.erasing import VALUE, random_erase, sample_boxes
 from cascade.data.images import to_uint8, write_png
 from cascade.errors import UserError, cli_errors
 from cascade.io import atomic_write_json
@@ -306,15 +307,18 @@ class ProceduralPairs:
         natural_fraction: probability that a sample's scene is a darkened photograph rather
             than a procedural street.
         ghosts: render aperture ghosts (reflective flare).
-        random_erasing: probability of erasing one box of the *input* in `batch` (training pairs
-            only; `render`, hence the test sets, never erases). `cascade.data.erasing`:
-            torchvision RandomErasing semantics, value 0, gt and flare unchanged. 0 leaves the
-            pairs byte-identical to a run without it.
+        random_erasing: probability of erasing one box per sample in `batch` (training pairs
+            only; test sets are never erased). `cascade.data.erasing`: torchvision
+            RandomErasing's box, value 0. 0 leaves the pairs byte-identical to a run without it.
+        erasing_on: "background": the box's scene radiance (the background, camera noise
+            included) is zeroed in the frame before the lights and the flare are added, so the
+            box is in input and gt; "input": the box is zeroed in the encoded input only (gt and
+            flare unchanged).
     """
 
     def __init__(self, size: int, seed: int, *, split: str = "train", frame: int | None = None,
                  n_psf: int = 6, natural_fraction: float = 0.5, ghosts: bool = True,
-                 random_erasing: float = 0.0) -> None:
+                 random_erasing: float = 0.0, erasing_on: str = "background") -> None:
         check_split(split)
         if size < 16:
             raise UserError(f"ProceduralPairs: size={size} is too small; expected >= 16")
@@ -327,7 +331,10 @@ class ProceduralPairs:
         self.size, self.seed, self.split, self.n_psf = int(size), int(seed), split, int(n_psf)
         self.frame = int(frame) if frame is not None else self.size
         self.natural_fraction, self.ghosts = float(natural_fraction), bool(ghosts)
-        self.random_erasing = float(random_erasing)
+        if erasing_on not in ERASING_TARGETS:
+            raise UserError(f"ProceduralPairs: erasing_on={erasing_on!r}; expected one of "
+                            + ", ".join(ERASING_TARGETS))
+        self.random_erasing, self.erasing_on = float(random_erasing), erasing_on
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # -- public contract --------------------------------------------------------------------------
@@ -344,15 +351,19 @@ class ProceduralPairs:
         if self.split == "test":
             raise UserError("ProceduralPairs: the test split renders test sets only; training "
                             f"pairs come from one of {', '.join(TRAINING_SPLITS)}")
-        r = self.render(indices, device, epoch)
-        if self.random_erasing == 0:
+        on_background = self.random_erasing > 0 and self.erasing_on == "background"
+        r = self.render(indices, device, epoch, erase_background=on_background)
+        if self.random_erasing == 0 or on_background:
             return r.input, r.gt, r.flare
         idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         return random_erase(r.input, self.sample_seeds(idx, epoch), self.random_erasing), r.gt, r.flare
 
     def render(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu",
-               epoch: int = 0) -> Rendered:
-        """Images plus region masks for a batch of sample indices (see `Rendered`)."""
+               epoch: int = 0, *, erase_background: bool = False) -> Rendered:
+        """Images plus region masks for a batch of sample indices (see `Rendered`).
+
+        `erase_background`: zero each sample's erasing box (`random_erasing`, a box of the S x S
+        crop) in the scene before lights and flare are added (`batch` with "background")."""
         device = torch.device(device)
         idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         if not idx:
@@ -361,6 +372,8 @@ class ProceduralPairs:
         psfs, scenes, noise = self._banks(device)
 
         scene = self._scene(p, scenes, noise)  # (B, 3, F, F) linear
+        if erase_background:
+            scene = self._erase(scene, idx, epoch, p)
         light, streak, halo = self._lights_and_scatter(p, psfs)  # each (B, 3, F, F) linear
         flare = streak + halo
         if self.ghosts:
@@ -383,6 +396,17 @@ class ProceduralPairs:
         return Rendered(input=encode(gt_lin + flare), gt=encode(gt_lin), flare=encode(flare),
                         streak=self._crop(streak_m, p), glare=self._crop(glare_m, p),
                         light=self._crop(light_m, p))
+
+    def _erase(self, scene: torch.Tensor, idx: list[int], epoch: int, p: dict) -> torch.Tensor:
+        """`scene` (B, 3, F, F) with each sample's box of its S x S crop (at `frame_at`) zeroed."""
+        scene = scene.clone()
+        boxes = sample_boxes(self.sample_seeds(idx, epoch), self.size, self.size, self.random_erasing)
+        at = p["frame_at"].long().tolist() if self.frame != self.size else [(0, 0)] * len(idx)
+        for j, box in enumerate(boxes):
+            if box is not None:
+                (top, left, h, w), (dy, dx) = box, at[j]
+                scene[j, :, dy + top:dy + top + h, dx + left:dx + left + w] = VALUE
+        return scene
 
     def _crop(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         """The S x S crop of each sample of (B, ..., F, F) at its `frame_at` offset."""
