@@ -256,8 +256,6 @@ def load_space(
                 raise UserError(f"{where}: {key}={fixed[key]}: no such file or folder")
     if fixed.get("data") and not fixed.get("backgrounds"):
         fixed["backgrounds"] = _find_backgrounds(Path(fixed["data"]), where)
-    TrialConfig.from_dict(fixed, where=f"{where}: fixed")  # names unknown keys before any expansion
-
     requires = raw.get("requires", [])
     if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
         raise UserError(f"{where}: requires must be a list of config keys")
@@ -267,6 +265,9 @@ def load_space(
         flags = " and ".join(REQUIRE_FLAGS[r] for r in missing)
         raise UserError(f"{where} needs {flags} (the command with every input is at the top of "
                         "the file; README: \"Running the real experiment\")")
+    # Unknown keys and bad values, before any expansion (after `requires`: a missing input is the
+    # first thing to say, not what a field set for that input says without it).
+    TrialConfig.from_dict(fixed, where=f"{where}: fixed")
 
     seed_list = _seeds(raw["seeds"], where) if seeds is None else _seed_count(seeds)
     resources = _resources(raw.get("resources", {}), where)

@@ -49,6 +49,7 @@ fixed:
   checkpoint_every: 2
   base_cache: {cache}
 reference: true
+control: false
 seeds: [0]
 resources: {{cpu: 1, gpu: 0}}
 max_concurrent: 2

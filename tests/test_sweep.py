@@ -86,7 +86,9 @@ MINI: dict[str, Any] = {
     "grid": {"k": [1, 2], "lambda_": [1.0, 0.0]},
     "fixed": {"steps": 6, "log_every": 2, "checkpoint_every": 2, "encoder": "small_cpu",
               "encoder_pretrained": False},
-    "reference": True, "seeds": [0], "resources": {"cpu": 1, "gpu": 0},
+    # The control row is off: these tests count the machinery's trials (tests/test_paper_setup.py
+    # runs a sweep with it).
+    "reference": True, "control": False, "seeds": [0], "resources": {"cpu": 1, "gpu": 0},
     "max_concurrent": 2, "max_failures": 0,
 }
 
@@ -94,7 +96,7 @@ MINI: dict[str, Any] = {
 SEARCH: dict[str, Any] = {
     "name": "mini",
     "fixed": {"k": 2, "steps": 6, "log_every": 2, "checkpoint_every": 2},
-    "reference": True, "seeds": [0], "resources": {"cpu": 1}, "max_concurrent": 2,
+    "reference": True, "control": False, "seeds": [0], "resources": {"cpu": 1}, "max_concurrent": 2,
     "search": {"algorithm": "optuna", "metric": "psnr_entire", "mode": "max", "num_samples": 3,
                "seed": 1, "params": {"lambda_": {"uniform": [0.0, 1.0]},
                                      "margin": {"loguniform": [0.01, 1.0]}},
@@ -464,7 +466,7 @@ def test_schema_errors_exit_2_with_one_line(tmp_path):
     assert proc.stderr.strip() == (f"error: {tmp_path / 'bad.yaml'}: unknown key 'max_failure'; "
                                    "expected one of " + ", ".join(TOP_KEYS))
     proc = _cli("run", "--space", "search_spaces/table1.yaml")
-    assert proc.returncode == 2 and "needs --data DIR and --checkpoint PATH" in proc.stderr
+    assert proc.returncode == 2 and "needs --data DIR and --checkpoint PATH and --test-data DIR" in proc.stderr
 
 
 def test_help_of_each_subcommand(tmp_path):
