@@ -222,7 +222,8 @@ def test_requires_names_the_flags_and_scientific_notation_reads_as_float(tmp_pat
         "steps: 10", "steps: 10\n  base_kind: flare7kpp")
     assert "needs --data DIR and --checkpoint PATH" in _error(tmp_path, text)
     (tmp_path / "x.pth").touch()
-    assert "needs --data DIR (e.g." in _error(tmp_path, text, checkpoint=str(tmp_path / "x.pth"))
+    assert "needs --data DIR (the command with every input is at the top of the file" in _error(
+        tmp_path, text, checkpoint=str(tmp_path / "x.pth"))
     space = _load(tmp_path, GRID.replace("steps: 10", "steps: 10\n  lr: 1e-3"))
     assert space.cells[1].config.lr == 1e-3
     assert "cannot read search space" in str(pytest.raises(UserError, load_space, tmp_path / "no.yaml").value)
