@@ -4,14 +4,18 @@ embedded default" and the README's demo paragraph. Prints one block per check.
     python bench/demo_check.py noise                      # SSIM ceiling that noise alone leaves
     python bench/demo_check.py base                       # the demo's base against identity
     python bench/demo_check.py encoder                    # the demo encoder's held-out IoU
-    python bench/demo_check.py budget --sweep-dir DIR     # lambda_=1 cells vs the cascade at 0 steps
+    python bench/demo_check.py budget                     # the base's second pass: idempotence gap
+    python bench/demo_check.py budget --sweep-dir DIR     # + lambda_=1 cells vs the cascade at 0 steps
     python bench/demo_check.py power --sweep-dir DIR      # minimum detectable differences
 
 `base`, `encoder` and `budget` build what is missing (cached, as `make sweep` does; set
-FLARESWEEP_CACHE to use a private cache). `budget` runs the 0-step cascade once into
-DIR/../zero_steps (cascade.train.train with steps=0: the base applied twice, what every cell
-starts from) and pairs the finished lambda_=1 trials of DIR with it per image (reports.stats).
-Not a bench_*.py: it measures quality, not speed, and needs a finished demo sweep.
+FLARESWEEP_CACHE to use a private cache). `budget` prints the idempotence gap recorded in
+base.json (cascade.pretrain.base_quality: the cascade at 0 steps against the reference, PSNR and
+SSIM over the entire image, and whether it is within the bounds; exit status 1 when not); with
+--sweep-dir it pairs the finished lambda_=1 trials of DIR per image with the sweep's control
+trials (the cascade at 0 steps), or, in a sweep without them, with one 0-step run into
+DIR-zero_steps (cascade.train.train with steps=0) (reports.stats).
+Not a bench_*.py: it measures quality, not speed (and `--sweep-dir` wants a finished demo sweep).
 """
 
 from __future__ import annotations
@@ -118,35 +122,81 @@ def check_encoder() -> None:
     print(f"  learned: {meta['learned']}")
 
 
-def check_budget(sweep_dir: Path) -> None:
-    """lambda_=1 cells against the same cascade at 0 steps, paired per image (95 % CIs)."""
+def check_gap(cfg: object | None = None) -> bool:
+    """The idempotence gap of the demo's base (base.json "quality", built if missing): the base
+    (the reference row) against the cascade at 0 steps (the base applied to its own output, the
+    control row), PSNR and SSIM over the entire image on the demo test set, against the bounds
+    `pretrain.MAX_GAP_PSNR_DB` / `MAX_GAP_SSIM`; and the base against identity. True when the gap
+    is within them. `cfg`: the demo's (`demo_config()`) unless given."""
+    from cascade import pretrain
+
+    cfg = demo_config() if cfg is None else cfg
+    path = pretrain.ensure_base(cfg)
+    meta = json.loads((path.parent / "base.json").read_text())
+    quality = meta["quality"]
+    base, second, identity, gap = (quality[k] for k in ("base", "second_pass", "identity", "gap"))
+    within = quality["idempotent"]
+    print(f"budget: the second pass of the base {path} (trained {meta['train_s']:.0f} s), "
+          f"{base['n_images']} test images, entire image")
+    rows = (("reference (the base)", base), ("cascade at 0 steps (base twice)", second),
+            ("identity (input as output)", identity))
+    for name, q in rows:
+        print(f"  {name:32s} PSNR {q['psnr_entire']:6.2f} dB, SSIM {q['ssim_entire']:.4f}, "
+              f"SSIM outside the masks {q['ssim_outside']:.4f}")
+    print(f"  idempotence gap (reference - cascade at 0 steps): PSNR {gap['psnr_entire']:+.3f} dB "
+          f"(at most {pretrain.MAX_GAP_PSNR_DB:g}), SSIM {gap['ssim_entire']:+.4f} (at most "
+          f"{pretrain.MAX_GAP_SSIM:g}): {'within the bounds' if within else 'NOT within the bounds'}")
+    print(f"  deflares (>= {pretrain.MIN_PSNR_GAIN_DB:g} dB over identity, higher SSIM, SSIM outside "
+          f"the masks >= identity's): {'yes' if quality['deflares'] else 'NO'}")
+    return bool(within)
+
+
+def check_budget(sweep_dir: Path | None) -> bool:
+    """`check_gap`; with `sweep_dir`, also its lambda_=1 cells against the cascade at 0 steps,
+    paired per image (95 % CIs): the sweep's control trials of the same seed where it has them,
+    else one 0-step run into DIR-zero_steps. True when the gap is within its bounds."""
+    within = check_gap()
+    if sweep_dir is None:
+        return within
     import pandas as pd
 
     from cascade.train import train
     from reports import stats
     from reports.collect import load_sweep
 
-    out = sweep_dir.parent / f"{sweep_dir.name}-zero_steps"
-    if not (out / "per_image.csv").is_file():
-        train(demo_config(steps=0), output_dir=out)
-    zero = pd.read_csv(out / "per_image.csv", dtype={"image": str}).assign(trial_id="zero-steps")
-    zero["image"] = zero["image"].map(lambda s: Path(s).stem)
     sweep = load_sweep(sweep_dir)
-    wide = stats.per_image_wide(pd.concat([sweep.per_image, zero], ignore_index=True))
-    cells = sweep.cells[(sweep.cells["kind"] == "cascade") & (sweep.cells["status"] == "done")]
-    print(f"budget: lambda_=1 cells minus the cascade at 0 steps ({out}), paired per image")
+    done = sweep.cells[sweep.cells["status"] == "done"]
+    controls = done[done["kind"] == "control"]
+    if len(controls):
+        references = {(int(s) if pd.notna(s) else None): t
+                      for s, t in zip(controls["seed"], controls["trial_id"])}
+        per_image, where = sweep.per_image, "the sweep's control trials"
+    else:
+        out = sweep_dir.parent / f"{sweep_dir.name}-zero_steps"
+        if not (out / "per_image.csv").is_file():
+            train(demo_config(steps=0), output_dir=out)
+        zero = pd.read_csv(out / "per_image.csv", dtype={"image": str}).assign(trial_id="zero-steps")
+        zero["image"] = zero["image"].map(lambda s: Path(s).stem)
+        references, where = {None: "zero-steps"}, str(out)
+        per_image = pd.concat([sweep.per_image, zero], ignore_index=True)
+    wide = stats.per_image_wide(per_image)
+    cells = done[done["kind"] == "cascade"]
+    print(f"budget: lambda_=1 cells minus the cascade at 0 steps ({where}), paired per image")
     for k in (1, 2):
         group = cells[(cells["k"] == k) & np.isclose(cells["lambda_"].astype(float), 1.0)]
-        trials = [(t, None) for t in group["trial_id"].drop_duplicates()]
+        trials = list(dict.fromkeys(
+            (t, int(s) if pd.notna(s) and len(controls) else None)
+            for t, s in zip(group["trial_id"], group["seed"])))
         if not trials:
             continue
-        diffs = stats.paired_differences(wide, trials, {None: "zero-steps"})
+        diffs = stats.paired_differences(wide, trials, references)
         for row in stats.diff_rows(diffs):
             if row["metric"] in ("psnr_entire", "ssim_entire", "psnr_streak", "psnr_glare"):
-                moved = "moved" if row["excludes_zero"] else "NOT moved"
+                moved = "moved" if row["flagged"] else "NOT moved"
                 print(f"  k={k} {row['metric']:12s} {row['diff']:+.4f} [{row['ci_low']:+.4f}, "
                       f"{row['ci_high']:+.4f}] over {row['n_images']} images, {len(trials)} seed(s): "
                       f"{moved}")
+    return within
 
 
 def check_power(sweep_dir: Path) -> None:
@@ -188,10 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-dir", type=Path, help="a finished demo sweep (budget, power)")
     parser.add_argument("--size", type=int, default=64, help="image side of the noise check")
     args = parser.parse_args(argv)
-    if args.check in ("budget", "power") and args.sweep_dir is None:
+    if args.check == "power" and args.sweep_dir is None:
         parser.error(f"{args.check} needs --sweep-dir")
+    if args.check == "budget":  # exit status 1 when the idempotence gap is out of its bounds
+        sys.exit(0 if check_budget(args.sweep_dir) else 1)
     {"noise": lambda: check_noise(size=args.size), "base": check_base, "encoder": check_encoder,
-     "budget": lambda: check_budget(args.sweep_dir),
      "power": lambda: check_power(args.sweep_dir)}[args.check]()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cascade.config import EVAL_ONLY_KINDS
 from cascade.errors import cli_errors
 from cascade.io import atomic_path, atomic_write_text
 from reports import provenance, stats
@@ -43,16 +44,35 @@ PAPER_CSV = Path(__file__).parent / "data" / "paper_table1.csv"
 PAPER_ANCHOR = (2, 0.6)
 DECIMALS = {m: 2 if m.startswith("psnr") else 4 for m in METRICS}  # the paper's rounding
 DECIMALS[LPIPS_METRIC] = 4  # as Flare7K's tables
-SIGNIFICANT = "$^{\\ast}$"  # marks a Δ whose 95% CI excludes 0
+SIGNIFICANT = "$^{\\ast}$"  # a flagged Δ: its 95% interval (seed and image variance) excludes 0
+HOLM = "$^{\\dagger}$"  # a flagged Δ that also survives Holm over the table's comparisons
+# Every package the generated tables need (the header comment of each .tex names them; the
+# captions' \lVert is amsmath's). tests/test_table1.py compiles with exactly these.
+LATEX_PACKAGES = ("booktabs", "amsmath")
 TABLE1_WHAT = ("Table 1 regenerated: mean PSNR (dB) and SSIM over the entire image and its streak "
                "and glare regions, and LPIPS over the entire image; best per column in bold.")
 REGION_NAMES = {"entire": "Entire", "streak": "Streak", "glare": "Glare"}
+# The Method column of the rows without k and λ (cascade.config.EVAL_ONLY_KINDS, in table order).
+METHOD_LABELS = {"reference": "Uformer (reference)", "control": "Cascade, 0 steps (control)"}
+# The evaluation views (cascade.data.views.VIEWS; a test keeps them equal), for captions.
+VIEW_TEXT = {
+    "resize-bilinear": "each test image resized to {s}x{s} px, bilinear, antialiased (PIL, as "
+                       "torchvision 0.15's Resize)",
+    "resize-bicubic": "each test image resized to {s}x{s} px, bicubic, antialiased (PIL)",
+    "resize-area": "each test image resized to {s}x{s} px by area averaging",
+    "resize-bilinear-noaa": "each test image resized to {s}x{s} px, bilinear without antialiasing",
+    "center-crop": "the central {s}x{s} px crop of each test image",
+    "tiles": "the {s}x{s} px tiles of each test image, metrics averaged per image",
+}
+CONTROL_TEXT = ("Control: the cascade at 0 steps (both networks the base, the base applied to its "
+                "own output), evaluated only; a cell's difference to it is what the fine-tuning "
+                "did, its own difference to the reference what the double pass does.")
 META_COLUMNS = ("protocol", "encoder", "encoder_pretrained", "dataset", "test_set", "checkpoint",
                 "demo", "demo_reasons")
 # What the loss and the evaluation path were (issue 17), after META_COLUMNS; d_pn_* are numbers.
-FIDELITY_COLUMNS = ("reduction", "encoder_features", "random_erasing", "margin", "d_pn_p50",
-                    "d_pn_hinge_active", "base_kind", "eval_mode", "lpips", "lpips_fingerprint",
-                    "lpips_reason")
+FIDELITY_COLUMNS = ("training", "data_loader", "reduction", "encoder_features", "random_erasing",
+                    "random_erasing_on", "margin", "d_pn_p50", "d_pn_hinge_active", "base_kind", "eval_mode",
+                    "eval_size", "lpips", "lpips_fingerprint", "lpips_reason")
 # The LPIPS conventions of cascade.lpips_score, for captions (reports import no torch; a test
 # keeps the names equal to cascade.config.LPIPS_CONVENTIONS).
 LPIPS_TEXT = {
@@ -64,10 +84,12 @@ LPIPS_TEXT = {
 
 # -- tables as DataFrames ----------------------------------------------------------------------
 def row_keys(cells: pd.DataFrame) -> list[tuple[str, int | None, float | None]]:
-    """Table rows in paper order: the reference, then k ascending x λ in the sweep's order."""
+    """Table rows in paper order: the reference, the control (the cascade at 0 steps), then k
+    ascending x λ in the sweep's order."""
     keys: list[tuple[str, int | None, float | None]] = []
-    if (cells["kind"] == "reference").any():
-        keys.append(("reference", None, None))
+    for kind in EVAL_ONLY_KINDS:
+        if (cells["kind"] == kind).any():
+            keys.append((kind, None, None))
     ours = cells[cells["kind"] == "cascade"]
     # Grid λ in first-appearance (plan) order; λ a search sampled after them, high to low.
     grid = list(dict.fromkeys(ours.loc[~ours["sampled"], "lambda_"].tolist()))
@@ -80,8 +102,8 @@ def row_keys(cells: pd.DataFrame) -> list[tuple[str, int | None, float | None]]:
 
 def _select(cells: pd.DataFrame, key: tuple[str, int | None, float | None]) -> pd.DataFrame:
     method, k, lambda_ = key
-    if method == "reference":
-        return cells[cells["kind"] == "reference"]
+    if method in EVAL_ONLY_KINDS:
+        return cells[cells["kind"] == method]
     return cells[(cells["kind"] == "cascade") & (cells["k"] == k)
                  & np.isclose(cells["lambda_"].astype(float), lambda_)]
 
@@ -123,13 +145,17 @@ def _lpips_over_seeds(cells: pd.DataFrame) -> dict[str, float]:
 
 
 def diff_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
-                seed: int = stats.BOOTSTRAP_SEED) -> pd.DataFrame:
-    """Δ vs the reference per cascade row and metric, with paired bootstrap CIs over images.
+                seed: int = stats.BOOTSTRAP_SEED, flag_on_image_noise: bool = False
+                ) -> pd.DataFrame:
+    """Δ vs the reference per non-reference row and metric, with intervals over seeds and images.
 
-    Columns: method, k, lambda_, metric, diff (ours - reference; mean over paired images of
-    the per-seed differences), ci_low, ci_high (95%), n_images, n_seeds, excludes_zero, then
-    `stats.POWER_COLUMNS` (sd over images and seeds, minimum detectable difference, the images /
-    seeds the paper's effect sizes need). Rows without a finished trial (or reference) keep NaN.
+    Columns: method, k, lambda_, metric, `stats.DIFF_COLUMNS` (diff: ours - reference, the mean
+    over the finished seeds and paired images; its 95% t interval with the seed variance, se, df,
+    p-value; n_images, n_seeds, seed_variance_measured, excludes_zero, flagged (what diff.tex and
+    the Δ figure mark; one seed: only with `flag_on_image_noise`), the images-only bootstrap
+    interval, pairing), `stats.FAMILY_COLUMNS` (Holm over the table's comparisons), trial_ids,
+    then `stats.POWER_COLUMNS` (results/README.md documents each). Rows without a finished trial
+    (or reference) keep NaN.
     """
     cells = sweep.cells
     refs = cells[(cells["kind"] == "reference") & (cells["status"] == "done")]
@@ -137,20 +163,23 @@ def diff_frame(sweep: SweepResults, *, n_resamples: int = stats.N_RESAMPLES,
     wide = stats.per_image_wide(sweep.per_image)
     rows = []
     for key in row_keys(cells):
-        if key[0] != "cascade":
+        if key[0] == "reference":  # cascade cells and the control, each against the reference
             continue
         group = _select(cells, key).drop_duplicates("trial_id")
         done = group[group["status"] == "done"]
         trials = [(t, None if pd.isna(s) else int(s)) for t, s in zip(done["trial_id"], done["seed"])]
         diffs = stats.paired_differences(wide, trials, references)
-        for row in stats.diff_rows(diffs, n_resamples=n_resamples, seed=seed):
+        for row in stats.diff_rows(diffs, n_resamples=n_resamples, seed=seed,
+                                   flag_on_image_noise=flag_on_image_noise):
             rows.append({"method": key[0], "k": key[1], "lambda_": key[2], **row,
-                         "n_seeds": len(trials)})
-    columns = ["method", "k", "lambda_", "metric", "diff", "ci_low", "ci_high", "n_images",
-               "n_seeds", "excludes_zero", *stats.POWER_COLUMNS]
-    frame = pd.DataFrame(rows, columns=columns)
+                         "trial_ids": ";".join(t for t, _ in trials)})
+    columns = ["method", "k", "lambda_", "metric", *stats.DIFF_COLUMNS, "trial_ids",
+               *stats.POWER_COLUMNS]
+    frame = stats.family_flags(pd.DataFrame(rows, columns=columns),
+                               flag_on_image_noise=flag_on_image_noise)
     frame["k"] = frame["k"].astype("Int64")
-    return frame
+    return frame[["method", "k", "lambda_", "metric", *stats.DIFF_COLUMNS,
+                  *stats.FAMILY_COLUMNS, "trial_ids", *stats.POWER_COLUMNS]]
 
 
 def read_paper(path: str | Path = PAPER_CSV) -> pd.DataFrame:
@@ -183,7 +212,7 @@ def paper_vs_ours(table: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
         out[m + "_ours"] = merged[m + "_ours"]
         out[m + "_diff"] = merged[m + "_ours"] - merged[m + "_paper"]
     # Paper order: reference first, then k, then λ from 1.0 down.
-    rank = out["method"].map({"reference": 0}).fillna(1)
+    rank = out["method"].map({"reference": 0, "control": 1}).fillna(2)
     out = out.assign(_rank=rank, _lam=-out["lambda_"].fillna(2.0))
     out = out.sort_values(["_rank", "k", "_lam"], na_position="first", kind="stable")
     return out.drop(columns=["_rank", "_lam"]).reset_index(drop=True)
@@ -251,8 +280,8 @@ def _render(frame: pd.DataFrame, bold: pd.DataFrame, *, caption: str, label: str
     end = lines.index("\\end{tabular}") + 1
     if notes.texts:
         lines.insert(end, "\\par\\smallskip\n{\\footnotesize\\raggedright\n" + notes.latex() + "\n}")
-    header = ("% Generated by `python -m reports.table1`; do not edit by hand.\n"
-              "% Needs \\usepackage{booktabs}.")
+    needs = " and ".join(f"\\usepackage{{{name}}}" for name in LATEX_PACKAGES)
+    header = f"% Generated by `python -m reports.table1`; do not edit by hand.\n% Needs {needs}."
     return header + "\n" + "\n".join(lines) + "\n"
 
 
@@ -265,11 +294,11 @@ def _row_labels(table: pd.DataFrame, notes: _Notes) -> list[list[str]]:
     """Method, k, λ cells: the method and k only on the first row of their block."""
     labels, previous = [], None
     for row in table.itertuples(index=False):
-        is_ref = row.method == "reference"
+        is_ref = row.method in EVAL_ONLY_KINDS  # no k or λ of its own
         block = (row.method, None if is_ref else int(row.k))
         method = ""
         if previous is None or block[0] != previous[0]:
-            method = "Uformer (reference)" if is_ref else "Ours"
+            method = METHOD_LABELS.get(row.method, "Ours")
         k = "" if is_ref or block == previous else str(block[1])
         lam = "" if is_ref else _lambda_text(row.lambda_)
         if row.shared:
@@ -335,14 +364,20 @@ def caption_text(table: pd.DataFrame, sweep: SweepResults, what: str) -> str:
                  + (f" ({escape_latex('/'.join(n_images))} images)" if n_images else "") + "; "
                  f"region protocol \\texttt{{{escape_latex(first['protocol'])}}}.")
     parts.append(f"Reference: the base Uformer alone ({escape_latex(first['checkpoint'])}).")
+    if (table["method"] == "control").any():
+        parts.append(CONTROL_TEXT)
     if meta["encoder"]:
         parts.append(f"Ours: cascaded fine-tuning, encoder {escape_latex(meta['encoder'])}, "
                      f"training data: {escape_latex(meta['dataset'])}.")
     if len(ours):
+        training = "; ".join(_distinct(ours, "training"))
+        if training:
+            parts.append(f"Fine-tuning: {escape_latex(training)}.")
         parts.append(_loss_text(ours))
     parts.append(_evaluation_text(table))
     seed_text = ", ".join(map(str, seeds)) or "none"
-    parts.append(f"Seeds: {seed_text}" + ("; mean $\\pm$ std over seeds." if max_seeds > 1 else "."))
+    parts.append(f"Seeds: {seed_text}" + ("; mean $\\pm$ std over seeds." if max_seeds > 1 else
+                                          "; seed variance not measured (1 seed)."))
     return " ".join(parts)
 
 
@@ -366,8 +401,11 @@ def _loss_text(ours: pd.DataFrame) -> str:
         return ", ".join(f"\\texttt{{{escape_latex(v)}}}" for v in _distinct(ours, column)) or "unknown"
 
     erasing = [float(v) for v in _distinct(ours, "random_erasing")]
+    where = {"background": "of the background, before the flare is added: in input and ground "
+                           "truth", "input": "of the input only"}
+    targets = "; ".join(where.get(t, t) for t in _distinct(ours, "random_erasing_on")) or "target unknown"
     erasing_text = ("unknown" if not erasing else "none" if erasing == [0.0]
-                    else "$p = " + ", ".join(f"{p:g}" for p in erasing) + "$ (input only)")
+                    else "$p = " + ", ".join(f"{p:g}" for p in erasing) + f"$ ({targets})")
     margins = ", ".join(_distinct(ours, "margin")) or "unknown"
     if ours["d_pn_p50"].notna().any():
         measured = (f"the measured $d(p, n) = \\lVert f(p) - f(n) \\rVert^2$ has median "
@@ -401,7 +439,10 @@ def _evaluation_text(table: pd.DataFrame) -> str:
            "flare7kpp": "channels 0:3 as predicted, no light-source re-blend"}
     kind_text = "; ".join(f"\\texttt{{{escape_latex(k)}}} ({how.get(k, 'unknown kind')})"
                           for k in kinds) or "unknown"
-    modes = ", ".join(f"\\texttt{{{escape_latex(m)}}}" for m in _distinct(table, "eval_mode"))
+    size = "/".join(_distinct(table, "eval_size")) or "?"
+    modes = ", ".join(f"\\texttt{{{escape_latex(m)}}}" + (
+        f" ({escape_latex(VIEW_TEXT[m].format(s=size))}; predicted and scored at that size)"
+        if m in VIEW_TEXT else "") for m in _distinct(table, "eval_mode"))
     conventions = _distinct(table, "lpips")
     lpips = "; ".join(f"\\texttt{{{escape_latex(c)}}} convention ({escape_latex(LPIPS_TEXT.get(c, 'unknown'))})"
                       for c in conventions) or "convention unknown"
@@ -451,21 +492,29 @@ def table1_latex(table: pd.DataFrame, *, caption: str, label: str = "tab:table1"
 
 
 def diff_latex(diffs: pd.DataFrame, table: pd.DataFrame, *, caption: str,
-                label: str = "tab:diff", sweep_dir: str = "results/<sweep>") -> str:
+                label: str = "tab:diff", sweep_dir: str = "results/<sweep>",
+                flag_on_image_noise: bool = False) -> str:
     """Δ vs the reference as LaTeX: `+0.12 [+0.05, +0.20]*` per cell; SSIM in units of 1e-3.
 
-    `diffs` is a `diff_frame`, `table` the matching `table1_frame` (row labels, statuses).
+    `diffs` is a `diff_frame`, `table` the matching `table1_frame` (row labels, statuses). A cell
+    carries SIGNIFICANT where `flagged`, and HOLM too where `flagged_holm` (`diff_caption` says
+    what they mean); with some rows at one seed, those rows get a footnote that their seed
+    variance was not measured (`flag_on_image_noise`: and that they are marked all the same).
     """
     notes = _Notes()
-    ours = table[table["method"] == "cascade"].reset_index(drop=True)
+    ours = table[table["method"] != "reference"].reset_index(drop=True)  # control + cascade rows
     labels = _row_labels(ours, notes)
+    if not _one_seed_only(diffs):  # all rows at one seed: diff_caption says it once
+        for i, row in enumerate(ours.itertuples(index=False)):
+            rows = diffs[_same_row(diffs, row)]
+            if len(rows) and rows["diff"].notna().any() and not rows["seed_variance_measured"].any():
+                labels[i][2] += notes.mark(_one_seed_text(flag_on_image_noise))
 
     cells = []
     for i, row in enumerate(ours.itertuples(index=False)):
         values = []
         for m in METRICS:
-            hit = diffs[(diffs["k"] == row.k) & np.isclose(diffs["lambda_"], row.lambda_)
-                        & (diffs["metric"] == m)]
+            hit = diffs[_same_row(diffs, row) & (diffs["metric"] == m)]
             d = hit.iloc[0] if len(hit) else None
             if d is None or pd.isna(d["diff"]):
                 values.append(_missing(row, sweep_dir, notes) if pd.isna(getattr(row, m))
@@ -475,7 +524,8 @@ def diff_latex(diffs: pd.DataFrame, table: pd.DataFrame, *, caption: str,
             text = f"${d['diff'] * s:+.2f}$"  # math mode: a real minus sign
             if pd.notna(d["ci_low"]):
                 text += f"\\,{{\\scriptsize$[{d['ci_low'] * s:+.2f}, {d['ci_high'] * s:+.2f}]$}}"
-            values.append(text + (SIGNIFICANT if d["excludes_zero"] else ""))
+            values.append(text + (SIGNIFICANT if d["flagged"] else "")
+                          + (HOLM if d.get("flagged_holm", False) else ""))
         cells.append(labels[i] + values)
     columns = _columns({"psnr": "$\\Delta$PSNR (dB)", "ssim": "$\\Delta$SSIM ($\\times 10^{-3}$)"})
     frame = pd.DataFrame(cells, columns=columns)
@@ -485,13 +535,47 @@ def diff_latex(diffs: pd.DataFrame, table: pd.DataFrame, *, caption: str,
                    notes=notes)
 
 
-def diff_caption(diffs: pd.DataFrame) -> str:
-    """What diff.tex shows; prefix for `caption_text`."""
+def _same_row(diffs: pd.DataFrame, row: Any) -> pd.Series:
+    """Which rows of a diff frame belong to table row `row` (its method, and its k and λ)."""
+    same = diffs["method"] == row.method
+    if row.method in EVAL_ONLY_KINDS:
+        return same
+    return same & (diffs["k"] == row.k).fillna(False) & np.isclose(
+        diffs["lambda_"].astype(float), row.lambda_)
+
+
+def _one_seed_only(diffs: pd.DataFrame) -> bool:
+    """True when no row with a Δ measured the seed variance (every one had a single seed)."""
+    rows = diffs[diffs["diff"].notna()]
+    return bool(len(rows)) and not rows["seed_variance_measured"].astype(bool).any()
+
+
+def _one_seed_text(flag_on_image_noise: bool) -> str:
+    """What a one-seed row's interval is, and whether it may carry a mark."""
+    option = "\\texttt{-{}-flag-on-image-noise}"
+    return ("Seed variance not measured (1 seed): the interval is over test images alone, "
+            + (f"marked on image noise alone as {option} asked."
+               if flag_on_image_noise else f"so it is not marked (unless {option})."))
+
+
+def diff_caption(diffs: pd.DataFrame, *, flag_on_image_noise: bool = False) -> str:
+    """What diff.tex shows, how its intervals are made and what its marks mean; prefix for
+    `caption_text`."""
     n_images = int(diffs["n_images"].max()) if len(diffs) else 0
-    return (f"Difference to the reference (ours $-$ Uformer) with paired bootstrap 95\\% CIs over "
-            f"up to {n_images} test images ({stats.N_RESAMPLES} resamples, images paired by file "
-            f"name; with several seeds, per-image differences are averaged over seeds first). "
-            f"{SIGNIFICANT}: the CI excludes 0.")
+    df = diffs.loc[diffs["seed_variance_measured"].astype(bool), "df"].dropna() if len(diffs) else []
+    df_text = (f", here {_span(df, '.1f')}" if len(df) else "")
+    text = (f"Difference to the reference (ours $-$ Uformer): the mean over the seeds and up to "
+            f"{n_images} test images paired by file name, with 95\\% $t$ intervals whose variance "
+            f"holds the seed and the image variance (seeds $\\times$ images random effects; "
+            f"Satterthwaite degrees of freedom{df_text}). {SIGNIFICANT}: the interval excludes 0 "
+            f"(one comparison at a time).")
+    family = int(diffs["family_size"].max()) if len(diffs) and "family_size" in diffs else 0
+    if family:
+        text += (f" {HOLM}: also after Holm's correction over the {family} distinct comparisons "
+                 f"of this table (rows $\\times$ metrics; family-wise error 5\\%).")
+    if _one_seed_only(diffs):
+        text += " " + _one_seed_text(flag_on_image_noise)
+    return text
 
 
 def _label(name: str) -> str:
@@ -507,10 +591,12 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def build_reports(sweep_dir: str | Path, *, paper: bool = True,
-                  cells: list[dict[str, Any]] | None = None, out_dir: str | Path | None = None
-                  ) -> list[Path]:
+                  cells: list[dict[str, Any]] | None = None, out_dir: str | Path | None = None,
+                  flag_on_image_noise: bool = False) -> list[Path]:
     """Write every report for `results/<sweep>` into `out_dir` (default: the sweep folder) and
     return the files written. `cells`: which trials and evaluations (default: the recorded plan).
+    `flag_on_image_noise`: mark one-seed differences whose interval over images excludes 0 (off:
+    their seed variance is not measured, so nothing supports a mark).
 
     Raises UserError (one line) when there is nothing to report yet.
     """
@@ -519,7 +605,7 @@ def build_reports(sweep_dir: str | Path, *, paper: bool = True,
     sweep = load_sweep(sweep_dir, cells)
     root = Path(out_dir) if out_dir is not None else sweep.root
     table = table1_frame(sweep)
-    diffs = diff_frame(sweep)
+    diffs = diff_frame(sweep, flag_on_image_noise=flag_on_image_noise)
     where, label = str(root), _label(sweep.name)
     # Which code and inputs produced each row: columns of the CSV, a caption sentence, warnings.
     prov = provenance.provenance_columns(sweep, table)
@@ -533,9 +619,10 @@ def build_reports(sweep_dir: str | Path, *, paper: bool = True,
     written.append(root / "table1.tex")
     written.append(write_csv(diffs, root / "diff.csv"))
     if (table["method"] == "cascade").any():
+        what = diff_caption(diffs, flag_on_image_noise=flag_on_image_noise)
         atomic_write_text(root / "diff.tex", diff_latex(
-            diffs, table, caption=caption_text(table, sweep, diff_caption(diffs)),
-            label=f"tab:diff-{label}", sweep_dir=where))
+            diffs, table, caption=caption_text(table, sweep, what), label=f"tab:diff-{label}",
+            sweep_dir=where, flag_on_image_noise=flag_on_image_noise))
         written.append(root / "diff.tex")
     if paper:
         written.append(write_csv(paper_vs_ours(table, read_paper()), root / "paper_vs_ours.csv"))
@@ -549,9 +636,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m reports.table1", description=__doc__.split("\n")[0])
     parser.add_argument("--sweep-dir", type=Path, required=True, help="results/<sweep> folder")
     parser.add_argument("--no-paper", action="store_true", help="skip paper_vs_ours.csv")
+    parser.add_argument("--flag-on-image-noise", action="store_true",
+                        help="mark one-seed differences on image noise alone (their seed "
+                             "variance is not measured; off by default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for path in build_reports(args.sweep_dir, paper=not args.no_paper):
+    for path in build_reports(args.sweep_dir, paper=not args.no_paper,
+                              flag_on_image_noise=args.flag_on_image_noise):
         print(path)
 
 

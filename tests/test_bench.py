@@ -28,6 +28,11 @@ TINY = {
                         "--set", "crop=32", "--set", "checkpoint_every=1", "--set", "base_cache={tmp}"],
                        r"(?m)^ray \d+ at once\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+"
                        r"\s+[\d.]+\s+[\d.e+-]+\s+[\d.]+x$"),
+    # coverage of diff.csv's interval at true Δ = 0 (tiny: 20 cells per design, a 5-test family)
+    "bench_coverage.py": (["--reps", "20", "--seeds", "1", "3", "--images", "16", "--resamples", "50",
+                           "--family", "5", "--family-reps", "5"],
+                          r"(?m)^    3     16    0\.30   0\.50   0\.25 \| [01]\.\d{3} [01]\.\d{3} \|"
+                          r"[\s\S]*^family: 5 null comparisons"),
     # stream cache off vs on: the paper's sweep counted at a toy size, then an 8-cell grid timed
     # (the script exits non-zero if any cell's results differ between the two sides)
     "bench_stream_cache.py": (["--set", "crop=32", "--set", "batch_size=2", "--set", "steps=3",
@@ -160,3 +165,42 @@ def test_bench_sweep_scaling_driver_only_runs_tiny(tmp_path):
     sweep_dir = tmp_path / "driver-12" / "results" / "scaling-12"
     assert len(list(sweep_dir.glob("trials/*/evals/*/metrics.json"))) == 12
     assert "12/12 done, 0 running" in (tmp_path / "driver-12" / "driver.log").read_text()
+
+
+def _fake_demo_base(cache: Path, gap_psnr: float, gap_ssim: float) -> None:
+    """A cached demo base (base.pth + base.json) whose second pass costs `gap_psnr` / `gap_ssim`,
+    where bench/demo_check.py's demo config looks for it (its base key under `cache`)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import demo_check
+
+    from cascade import pretrain
+
+    folder = cache / "bases" / pretrain.base_key(demo_check.demo_config())
+    folder.mkdir(parents=True)
+    (folder / "base.pth").write_bytes(b"weights")
+    scores = {"psnr_entire": 24.0, "ssim_entire": 0.7, "psnr_outside": 30.0, "ssim_outside": 0.78,
+              "n_images": 96}
+    second = scores | {"psnr_entire": 24.0 - gap_psnr, "ssim_entire": 0.7 - gap_ssim}
+    identity = scores | {"psnr_entire": 11.74, "ssim_entire": 0.49, "ssim_outside": 0.73}
+    quality = {"test_set": "t", "identity": identity, "base": scores, "deflares": True,
+               "second_pass": second, **pretrain.second_pass_gap(scores, second)}
+    (folder / "base.json").write_text(json.dumps({"train_s": 80.0, "quality": quality}))
+
+
+@pytest.mark.parametrize(("gap_psnr", "gap_ssim", "code"), [
+    (0.21, 0.004, 0), (0.35, 0.004, 1), (0.1, 0.006, 1), (-0.5, -0.01, 0)])
+def test_demo_check_budget_prints_the_idempotence_gap_and_its_verdict(
+        gap_psnr, gap_ssim, code, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLARESWEEP_CACHE", str(tmp_path))
+    _fake_demo_base(tmp_path, gap_psnr, gap_ssim)
+    import demo_check
+
+    with pytest.raises(SystemExit) as exit_:
+        demo_check.main(["budget"])
+    assert exit_.value.code == code
+    out = capsys.readouterr().out
+    assert re.search(r"(?m)^  reference \(the base\)\s+PSNR  24\.00 dB, SSIM 0\.7000", out), out
+    assert f"PSNR {24.0 - gap_psnr:6.2f} dB, SSIM {0.7 - gap_ssim:.4f}" in out
+    verdict = "within the bounds" if code == 0 else "NOT within the bounds"
+    assert (f"idempotence gap (reference - cascade at 0 steps): PSNR {gap_psnr:+.3f} dB (at most "
+            f"0.3), SSIM {gap_ssim:+.4f} (at most 0.005): {verdict}\n") in out
