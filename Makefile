@@ -23,6 +23,7 @@ PROTOCOL ?=
 EVAL_MODE ?=
 EVAL_SIZE ?=
 SWEEP_ARGS ?=
+TABLE_ARGS ?=
 SPACE_FILE := search_spaces/$(SPACE).yaml
 # What defines the cells (sweep, status and table1 alike); SWEEP_ARGS go to `sweep.py run` only.
 SPACE_OPTS := --space $(SPACE_FILE) $(if $(DATA),--data $(DATA)) $(if $(BACKGROUNDS),--backgrounds $(BACKGROUNDS)) $(if $(TEST_DATA),--test-data $(TEST_DATA)) $(if $(CKPT),--checkpoint $(CKPT)) $(if $(BASE_KIND),--base-kind $(BASE_KIND)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(EVAL_MODE),--eval-mode $(EVAL_MODE)) $(if $(EVAL_SIZE),--eval-size $(EVAL_SIZE))
@@ -34,7 +35,7 @@ SWEEP_OPTS := $(SPACE_OPTS) $(if $(STORAGE),--storage $(STORAGE)) $(SWEEP_ARGS)
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, BACKGROUNDS=, TEST_DATA=, CKPT=, BASE_KIND=, SEEDS=, PROTOCOL=, EVAL_MODE=, EVAL_SIZE=, STORAGE=, SWEEP_ARGS="
+	@echo "  Variables: SPACE=$(SPACE) (search_spaces/<SPACE>.yaml), DATA=, BACKGROUNDS=, TEST_DATA=, CKPT=, BASE_KIND=, SEEDS=, PROTOCOL=, EVAL_MODE=, EVAL_SIZE=, STORAGE=, SWEEP_ARGS= (run), TABLE_ARGS= (table1)"
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,7 +58,7 @@ sweep: $(STAMP) ## Run (or resume) the sweep SPACE (default: the embedded CPU de
 	$(PY) sweep.py run $(SWEEP_OPTS)
 
 table1: $(STAMP) ## Write Table 1 (CSV, LaTeX), differences and figures for SPACE into results/<name>/<evaluation>/
-	$(PY) sweep.py table1 $(SPACE_OPTS)
+	$(PY) sweep.py table1 $(SPACE_OPTS) $(TABLE_ARGS)
 
 status: $(STAMP) ## One line per cell of SPACE as written: done / running / failed / stopped / interrupted / trained / pending
 	$(PY) sweep.py status $(SPACE_OPTS)

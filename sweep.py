@@ -884,7 +884,8 @@ def evaluation_folder(cells: list[dict[str, Any]]) -> str:
     return "-".join(sorted(names))
 
 
-def table1(space_path: Path, results: Path, **overrides: Any) -> list[Path]:
+def table1(space_path: Path, results: Path, *, flag_on_image_noise: bool = False,
+           **overrides: Any) -> list[Path]:
     """reports.build_reports for the space's cells as written (`overrides` as for `status`): the
     tables of one evaluation go to <results>/<name>/<evaluation_folder>/, beside those of other
     protocols and evaluation modes."""
@@ -892,7 +893,8 @@ def table1(space_path: Path, results: Path, **overrides: Any) -> list[Path]:
 
     record = SweepRecord((results / space_name(space_path)).resolve())
     cells = cells_as_written(space_path, record, overrides)
-    return build_reports(record.root, cells=cells, out_dir=record.root / evaluation_folder(cells))
+    return build_reports(record.root, cells=cells, out_dir=record.root / evaluation_folder(cells),
+                         flag_on_image_noise=flag_on_image_noise)
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -964,6 +966,9 @@ def _parser() -> argparse.ArgumentParser:
     t1 = sub.add_parser("table1", help="write Table 1, differences and figures",
                         description="Write Table 1 (CSV, LaTeX), differences and figures into <results>/<name>/.")
     common(t1)
+    t1.add_argument("--flag-on-image-noise", action="store_true",
+                    help="with one seed, flag differences whose images-only interval excludes 0 "
+                         "(the seed variance is not measured then; off by default)")
     return parser
 
 
@@ -980,7 +985,8 @@ def main(argv: Sequence[str] | None = None, *, train_fn: TrainFn | None = None,
         print("\n".join(status(args.space, args.results, **overrides)))
         return 0
     if args.command == "table1":
-        for path in table1(args.space, args.results, **overrides):
+        for path in table1(args.space, args.results, flag_on_image_noise=args.flag_on_image_noise,
+                           **overrides):
             print(path)
         return 0
     space = load_space(args.space, **overrides, gpus_per_trial=args.gpus_per_trial,
