@@ -889,7 +889,7 @@ def table1(space_path: Path, results: Path, *, flag_on_image_noise: bool = False
     """reports.build_reports for the space's cells as written (`overrides` as for `status`): the
     tables of one evaluation go to <results>/<name>/<evaluation_folder>/, beside those of other
     protocols and evaluation modes."""
-    from reports import build_reports
+    from reports.table1 import build_reports
 
     record = SweepRecord((results / space_name(space_path)).resolve())
     cells = cells_as_written(space_path, record, overrides)

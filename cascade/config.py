@@ -49,6 +49,8 @@ metrics.json's `d_pn` records the measured d(p, n).
 
 ENCODER_NAMES = ("vit_l16_swag", "vit_l16_swag_e2e", "small_cpu", "flare_seg")
 """The names of cascade.encoders.ENCODERS (a test keeps them equal), checked without importing it."""
+TIMM_PREFIX = "timm:"
+"""Encoder names with this prefix name a timm model (cascade.encoders)."""
 REDUCTIONS = ("mean", "sum")
 """cascade.losses.REDUCTIONS (a test keeps them equal), checked without importing torch."""
 ENCODER_FEATURES = ("cls", "tokens")
@@ -343,13 +345,15 @@ class TrialConfig:
         if self.encoder_weights is not None and not self.encoder_pretrained:
             raise UserError(f"{where}: encoder_weights={self.encoder_weights!r} needs "
                             "encoder_pretrained: true (the file holds pretrained weights)")
-        if self.encoder not in ENCODER_NAMES:  # timm:<model>, or an error naming the choices
-            from cascade.encoders import check_encoder_name  # imports timm, builds nothing
-
-            try:
-                check_encoder_name(self.encoder)
-            except UserError as exc:
-                raise UserError(f"{where}: {exc}") from None
+        # A name, or timm:<model>. Whether timm has that model needs timm (and torch): the callers
+        # that may import them check it (cascade.encoders.check_encoder_name: orchestrator.space
+        # for every cell before Ray starts, cascade.train before a trial writes anything); this
+        # module stays torch-free and below cascade.encoders.
+        if self.encoder not in ENCODER_NAMES and not (
+                self.encoder.startswith(TIMM_PREFIX) and len(self.encoder) > len(TIMM_PREFIX)):
+            raise UserError(f"{where}: unknown encoder {self.encoder!r}; expected one of "
+                            f"{', '.join(ENCODER_NAMES)}, or {TIMM_PREFIX}<model> for any timm "
+                            "model (e.g. timm:resnet50)")
         if self.fail_at_step is not None and self.fail_at_step < 0:
             raise bad("fail_at_step", "a step >= 0 or null")
 

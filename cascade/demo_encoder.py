@@ -255,9 +255,9 @@ def build_demo_encoder(pretrained: bool, weights: str | None = None, image_size:
                        features: str = "cls") -> Any:
     """The `flare_seg` PerceptualEncoder: trained weights (`weights`, or the cached build) when
     `pretrained`, else the random initialisation (weights_source "random")."""
-    from cascade.encoders import PerceptualEncoder, _check_features
+    from cascade.perceptual import PerceptualEncoder, check_features
 
-    _check_features(NAME, features)
+    check_features(NAME, features)
     net = FlareSegNet()
     embedding = Embedding(net, features)
     source = "random"

@@ -67,7 +67,13 @@ import torch
 from torch import nn
 
 from cascade import checkpoint as ckpt
-from cascade.config import RESUME_MAY_CHANGE, VIEW_MODES, TrialConfig, check_base_kind, inference_mode
+from cascade.config import (
+    RESUME_MAY_CHANGE,
+    VIEW_MODES,
+    TrialConfig,
+    check_base_kind,
+    inference_mode,
+)
 from cascade.data.testset import PairedTestSet, ensure_test_data
 from cascade.device import resolve_device, use_bf16
 from cascade.distributed import DataParallel, Report, check_backend, launch
@@ -466,6 +472,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     the end with the returned dict. checkpoint_dir defaults to output_dir/checkpoints (None when
     both are None: no checkpoints). See the module docstring for what is written.
     """
+    from cascade.encoders import check_encoder_name
     from cascade.evaluate import evaluate_model, evaluation_summary, prepare_lpips
     from cascade.model import CascadedFlareRemover, official_light_threshold
     from cascade.uformer import infer_arch, load_checkpoint, read_state_dict
@@ -477,6 +484,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
              else out / "checkpoints" if out is not None else None)
     cfg.validate()  # a TrialConfig built directly (not via from_dict) is checked here
     check_backend(cfg.backend)  # e.g. Horovod missing: say so before building a base or test set
+    check_encoder_name(cfg.encoder)  # timm:<model> that timm lacks: before anything is written
     if cfg.checkpoint is not None:  # base_kind against the file, before anything is written
         check_base_kind(cfg.checkpoint, cfg.base_kind,
                         infer_arch(read_state_dict(cfg.checkpoint), where=cfg.checkpoint)["output_ch"])

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from cascade.config import PATH_FIELDS, TrialConfig
+from cascade.config import PATH_FIELDS, TIMM_PREFIX, TrialConfig
 from cascade.errors import UserError
 from cascade.io import parse_yaml
 from orchestrator import identity, preflight
@@ -320,6 +320,8 @@ def load_space(
             cells.append(cell_for(cfg, k=cfg.k))
     for cell in cells:
         _check_device(cell.config, resources, where)
+    _check_timm_encoders([c.config for c in cells] + ([TrialConfig.from_dict(
+        {**fixed, "seed": seed_list[0]}, where=f"{where}: fixed")] if search else []), where)
     space = SweepSpace(path=path, name=name, question=question, fixed=fixed, cells=tuple(cells),
                        seeds=seed_list, resources=resources, max_concurrent=concurrent,
                        max_failures=max_failures, search=search)
@@ -327,6 +329,18 @@ def load_space(
         probe = cell_for(space.search_probe())
         space = dataclasses.replace(space, search_fingerprints=probe.fingerprints)
     return space
+
+
+def _check_timm_encoders(configs: list[TrialConfig], where: str) -> None:
+    """UserError naming the file unless timm has each `timm:<model>` encoder (imports timm only
+    for such names; TrialConfig itself checks names without torch)."""
+    for name in dict.fromkeys(c.encoder for c in configs if c.encoder.startswith(TIMM_PREFIX)):
+        from cascade.encoders import check_encoder_name  # torch + timm, built nothing
+
+        try:
+            check_encoder_name(name)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
 
 
 def _find_backgrounds(data: Path, where: str) -> str:

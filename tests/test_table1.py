@@ -14,10 +14,10 @@ import pytest
 from test_collect import fidelity_lpips, make_results_tree, result_dir
 
 from cascade.errors import UserError
-from reports import build_reports
 from reports.collect import METRICS, load_sweep
 from reports.table1 import (
     brief_reason,
+    build_reports,
     caption_text,
     diff_frame,
     main,
