@@ -1,7 +1,8 @@
 """Data parallelism for one trial: process launch, backend init/teardown, the collectives we use.
 
 The trainer talks to a `DataParallel` object only, never to torch.distributed or horovod directly,
-so a backend is one class here plus one entry in `BACKENDS`:
+so a backend is one class here plus one entry in `GROUPS` (its name also in
+`cascade.config.BACKENDS`, the one list of names; the module checks that they agree):
 
 - `"none"`: `Local`, one process; every collective is the identity.
 - `"ddp"`:  `DDP`, torch.distributed (gloo on CPU, NCCL on CUDA); gradients are averaged by
@@ -55,6 +56,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from cascade.config import BACKENDS
 from cascade.errors import UserError
 from cascade.io import pid_alive
 
@@ -193,19 +195,26 @@ class Horovod(DataParallel):
         self._hvd.shutdown()
 
 
-# name -> constructor(device) for a rank inside an already launched group
-BACKENDS: dict[str, Callable[[torch.device | str], DataParallel]] = {
+# backend name (cascade.config.BACKENDS) -> constructor(device) for a rank inside a launched group
+GROUPS: dict[str, Callable[[torch.device | str], DataParallel]] = {
     "none": lambda device: Local(device=device),
     "ddp": DDP,
     "horovod": Horovod,
 }
+if tuple(GROUPS) != BACKENDS:  # one list of names: a backend added here is added there too
+    raise ImportError(f"cascade.distributed.GROUPS {tuple(GROUPS)} != cascade.config.BACKENDS {BACKENDS}")
+
+
+def check_name(name: str) -> None:
+    """UserError unless `name` is one of cascade.config.BACKENDS."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
 def init_backend(name: str, device: torch.device | str) -> DataParallel:
     """Join the group of backend `name` from inside a launched rank."""
-    if name not in BACKENDS:
-        raise UserError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    return BACKENDS[name](device)
+    check_name(name)
+    return GROUPS[name](device)
 
 
 def free_port() -> int:
@@ -294,8 +303,7 @@ def check_backend(backend: str) -> None:
 
     Cheap (imports nothing): call it before spending time on a trial that would fail at launch.
     """
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    check_name(backend)
     if backend == "horovod":
         from cascade import hvd
 
