@@ -31,10 +31,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from cascade.masks import paint_mask, region_weights
-from cascade.metrics import REGION_PROTOCOLS, SSIM_WINDOWS, evaluate_arrays, ssim_pad
+from cascade.masks import paint_mask
+from cascade.metrics import REGION_PROTOCOLS, SSIM_WINDOWS, evaluate_arrays
+from cascade.metrics_reference import skimage_reference
 
 TOLERANCE = 1e-9
 
@@ -68,36 +68,8 @@ def synthetic_items(n: int, size: int, seed: int = 0) -> list[tuple[str, np.ndar
 def naive_rows(
     pred: np.ndarray, gt: np.ndarray, mask: np.ndarray, protocol: str, window: str = "uniform"
 ) -> dict:
-    """Per-region evaluation written the obvious way: one skimage SSIM call per region."""
-    kw = {"channel_axis": 2, "data_range": 255, **SSIM_WINDOWS[window]}
-    pad = ssim_pad(window)
-    out = {
-        ("entire", "psnr"): peak_signal_noise_ratio(gt, pred, data_range=255),
-        ("entire", "ssim"): structural_similarity(gt, pred, **kw),
-    }
-    weights = region_weights(mask)
-    regions = REGION_PROTOCOLS[protocol].regions
-    for region in regions:
-        w = weights[region]
-        if w.sum() == 0:
-            continue
-        gm, pm = gt * w[..., None], pred * w[..., None]
-        if protocol == "masked":
-            out[region, "psnr"] = peak_signal_noise_ratio(gm, pm, data_range=255)
-            out[region, "ssim"] = structural_similarity(gm, pm, **kw)
-        else:
-            mse = np.mean((gm - pm) ** 2)
-            out[region, "psnr"] = 10 * np.log10(255.0**2 * np.mean(w) / mse)
-            if region == "global":
-                continue
-            _, full = structural_similarity(gt, pred, full=True, **kw)
-            wv = w[pad:-pad, pad:-pad]
-            if wv.sum() > 0:
-                sv = full[pad:-pad, pad:-pad]
-                out[region, "ssim"] = np.sum(wv[..., None] * sv) / (3 * wv.sum())
-    if protocol == "flare7k" and all((r, "psnr") in out for r in regions):
-        out["score", "psnr"] = np.mean([out[r, "psnr"] for r in regions])
-    return out
+    """Per-region evaluation written the obvious way: one skimage call per region."""
+    return skimage_reference(pred, gt, mask, protocol, window)
 
 
 def compare(ours: dict, naive: dict) -> tuple[float, int]:

@@ -24,11 +24,7 @@ from cascade.metrics import (
     ssim_pad,
     summarize,
 )
-
-SKIMAGE_WINDOW = {
-    "uniform": {},  # skimage's defaults: 7x7 box, sample covariance
-    "gaussian": {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False},
-}
+from cascade.metrics_reference import SKIMAGE_WINDOW, skimage_reference
 
 
 def make_triplet(size: int = 32, seed: int = 0, noise: int = 20) -> tuple[np.ndarray, ...]:
@@ -237,39 +233,6 @@ def test_process_pool_matches_in_process() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The fast paths against scikit-image computed the naive way: one skimage call per region.
-
-
-def skimage_reference(
-    pred: np.ndarray, gt: np.ndarray, mask: np.ndarray, protocol: str, window: str
-) -> dict[tuple[str, str], float]:
-    """Every row of `evaluate_pair`, computed directly from the definitions with skimage."""
-    kw = {"channel_axis": 2, "data_range": 255, **SKIMAGE_WINDOW[window]}
-    out = {
-        ("entire", "psnr"): peak_signal_noise_ratio(gt, pred, data_range=255),
-        ("entire", "ssim"): structural_similarity(gt, pred, **kw),
-    }
-    pad = {"uniform": 3, "gaussian": 5}[window]
-    valid = np.zeros(gt.shape[:2], bool)
-    valid[pad:-pad, pad:-pad] = True
-    regions = REGION_PROTOCOLS[protocol].regions
-    for region in regions:
-        w = region_weights(mask)[region]
-        if w.sum() == 0:
-            continue
-        gm, pm = gt * w[..., None], pred * w[..., None]
-        if protocol == "masked":
-            out[region, "psnr"] = peak_signal_noise_ratio(gm, pm, data_range=255)
-            out[region, "ssim"] = structural_similarity(gm, pm, **kw)
-            continue
-        mse = np.mean((gm - pm) ** 2)
-        out[region, "psnr"] = math.inf if mse == 0 else 10 * np.log10(255.0**2 * np.mean(w) / mse)
-        if region != "global" and (w * valid).sum() > 0:
-            _, full = structural_similarity(gt, pred, full=True, **kw)
-            wv = w * valid
-            out[region, "ssim"] = (wv[..., None] * full).sum() / (3 * wv.sum())
-    if protocol == "flare7k" and all((r, "psnr") in out for r in regions):
-        out["score", "psnr"] = np.mean([out[r, "psnr"] for r in regions])
-    return out
 
 
 def structured_triplet(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
