@@ -403,6 +403,21 @@ EVAL_FIELDS = ("protocol", "ssim_window", "test_data", "n_test", "eval_mode", "e
 RESUME_MAY_CHANGE = tuple(dict.fromkeys(RESUME_MAY_CHANGE + EVAL_FIELDS + PATH_FIELDS))
 
 
+def real_test_dir(cfg: TrialConfig) -> str | None:
+    """The real test folder a config evaluates on: `test_data`, else `<data>/test_data/real`;
+    None: the procedural test set. UserError when `data` has no such folder (the one rule for
+    orchestrator.identity, which fingerprints it, and cascade.data.testset, which reads it)."""
+    if cfg.test_data:
+        return cfg.test_data
+    if cfg.data:
+        real = Path(cfg.data).expanduser() / "test_data" / "real"
+        if not real.is_dir():
+            raise UserError(f"data={cfg.data!r} has no test_data/real folder; set test_data to the "
+                            "folder with input/ gt/ mask/ to evaluate on")
+        return str(real)
+    return None
+
+
 def inert_fields(cfg: TrialConfig) -> frozenset[str]:
     """Fields whose value cannot change this config's results given its other fields: left out of
     its identities (orchestrator.identity), so a field added with such a default keeps every

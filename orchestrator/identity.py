@@ -178,15 +178,7 @@ def demo_encoder_version(cfg: TrialConfig) -> dict[str, Any] | None:
 
 def test_set_path(cfg: TrialConfig) -> str | None:
     """The real test folder a config evaluates on (None: the procedural test set)."""
-    if cfg.test_data:
-        return cfg.test_data
-    if cfg.data:
-        real = Path(cfg.data) / "test_data" / "real"
-        if not real.is_dir():
-            raise UserError(f"data={cfg.data!r} has no test_data/real folder; set test_data to the "
-                            "folder with input/ gt/ mask/ to evaluate on")
-        return str(real)
-    return None
+    return config.real_test_dir(cfg)
 
 
 def evaluation_inputs(cfg: TrialConfig, *, memo: bool = True) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cascade.config import TEST_FIELDS
+from cascade.config import TEST_FIELDS, real_test_dir
 from cascade.data import synthetic
 from cascade.data.images import read_rgb
 from cascade.errors import UserError
@@ -146,17 +146,12 @@ def test_key(cfg: TrialConfig) -> str:
 
 def ensure_test_data(cfg: TrialConfig) -> Path:
     """Folder with `input/ gt/ mask/` the trial is evaluated on (see the module docstring)."""
-    if cfg.test_data is not None:
-        path = Path(cfg.test_data).expanduser()
+    real = real_test_dir(cfg)
+    if real is not None:
+        path = Path(real).expanduser()
         if not path.is_dir():
             raise UserError(f"test_data={cfg.test_data!r}: no such folder")
         return path.resolve()
-    if cfg.data is not None:
-        real = Path(cfg.data).expanduser() / "test_data" / "real"
-        if real.is_dir():
-            return real.resolve()
-        raise UserError(f"data={cfg.data!r} has no test_data/real folder; set test_data to the "
-                        "folder with input/ gt/ mask/ to evaluate on")
     root = cache_dir(cfg.base_cache) / "testsets"
     target = root / f"procedural-n{cfg.n_test}-s{cfg.test_size}-{test_key(cfg)}"
     if target.is_dir():
