@@ -25,7 +25,7 @@ import pandas as pd
 from cascade.config import EVAL_ONLY_KINDS
 from cascade.errors import cli_errors
 from cascade.io import atomic_path, atomic_write_text
-from reports import provenance, stats
+from reports import stats, table_provenance
 from reports.collect import (
     DIFF_SCALE,
     LPIPS_METRIC,
@@ -608,10 +608,10 @@ def build_reports(sweep_dir: str | Path, *, paper: bool = True,
     diffs = diff_frame(sweep, flag_on_image_noise=flag_on_image_noise)
     where, label = str(root), _label(sweep.name)
     # Which code and inputs produced each row: columns of the CSV, a caption sentence, warnings.
-    prov = provenance.provenance_columns(sweep, table)
-    for line in provenance.warnings(prov):
+    prov = table_provenance.provenance_columns(sweep, table)
+    for line in table_provenance.warnings(prov):
         print(f"warning: {sweep.name}: {line}", file=sys.stderr)
-    code = provenance.caption(prov)
+    code = table_provenance.caption(prov)
     written = [write_csv(pd.concat([table, prov], axis=1), root / "table1.csv")]
     atomic_write_text(root / "table1.tex", table1_latex(
         table, caption=" ".join(filter(None, [caption_text(table, sweep, TABLE1_WHAT), code])),

@@ -1,4 +1,4 @@
-"""orchestrator.provenance (what produced a result) and reports.provenance (tables say so)."""
+"""orchestrator.provenance (what produced a result) and reports.table_provenance (tables say so)."""
 
 from __future__ import annotations
 
