@@ -7,6 +7,7 @@ embedded default" and the README's demo paragraph. Prints one block per check.
     python bench/demo_check.py budget                     # the base's second pass: idempotence gap
     python bench/demo_check.py budget --sweep-dir DIR     # + lambda_=1 cells vs the cascade at 0 steps
     python bench/demo_check.py power --sweep-dir DIR      # minimum detectable differences
+    python bench/demo_check.py readme --sweep-dir DIR     # the README's demo table from DIR
 
 `base`, `encoder` and `budget` build what is missing (cached, as `make sweep` does; set
 FLARESWEEP_CACHE to use a private cache). `budget` prints the idempotence gap recorded in
@@ -199,6 +200,72 @@ def check_budget(sweep_dir: Path | None) -> bool:
     return within
 
 
+def readme_rows(sweep_dir: Path) -> list[str]:
+    """The README's demo table from a finished sweep folder, as markdown lines: identity (the
+    base's base.json), the reference, the control (the cascade at 0 steps) and every cascade row,
+    with PSNR / SSIM over the entire image (mean over seeds; ± std over seeds where a row's seeds
+    disagree by more than 0.5 dB), Δ PSNR entire against the reference and, for the cascade rows,
+    against the control of the same seeds (95 % intervals with the seed variance, reports.stats)."""
+    import pandas as pd
+
+    from cascade import pretrain
+    from reports import stats
+    from reports.collect import load_sweep
+    from reports.table1 import diff_frame, table1_frame
+
+    sweep = load_sweep(sweep_dir)
+    table, diffs = table1_frame(sweep), diff_frame(sweep)
+    cells = sweep.cells[sweep.cells["status"] == "done"]
+    controls = cells[cells["kind"] == "control"]
+    to_control = {(None if pd.isna(s) else int(s)): t for s, t in zip(controls["seed"], controls["trial_id"])}
+    wide = stats.per_image_wide(sweep.per_image)
+    base = pretrain.ensure_base(demo_config())
+    identity = json.loads((base.parent / "base.json").read_text())["quality"]["identity"]
+
+    def interval(row: object) -> str:
+        return f"{row['diff']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+
+    seeds = sorted({int(s) for s in cells["seed"].dropna()})
+    lines = [f"| {len(wide.index.unique('image'))} test images, seeds {seeds[0]}-{seeds[-1]} | "
+             "PSNR entire (dB) | SSIM entire | Δ PSNR entire vs reference [95% CI] | "
+             "Δ PSNR entire vs control [95% CI] |", "|---|---|---|---|---|",
+             f"| identity (input as output) | {identity['psnr_entire']:.2f} | "
+             f"{identity['ssim_entire']:.3f} | | |"]
+    names = {"reference": "reference (the base)", "control": "control (the cascade at 0 steps)"}
+    seen_lambda_0 = False
+    for row in table.itertuples(index=False):
+        lam0 = row.method == "cascade" and float(row.lambda_) == 0.0
+        if lam0 and seen_lambda_0:
+            continue  # the λ = 0 cells of both k are one trial
+        seen_lambda_0 |= lam0
+        name = names.get(row.method) or ("λ = 0 (k has no effect)" if lam0 else f"k={row.k}, λ = {row.lambda_:g}")
+        spread = f" ± {row.psnr_entire_std:.2f}" if row.psnr_entire_std > 0.5 else ""
+        vs_ref = vs_ctl = ""
+        if row.method != "reference":
+            hit = diffs[(diffs["method"] == row.method) & (diffs["metric"] == "psnr_entire")]
+            if row.method == "cascade":
+                hit = hit[np.isclose(hit["lambda_"].astype(float), float(row.lambda_))
+                          & (lam0 | (hit["k"].astype(float) == float(row.k)))]
+            vs_ref = interval(hit.iloc[0]) if len(hit) else ""
+        if row.method == "cascade" and to_control:
+            group = cells[(cells["kind"] == "cascade") & ((cells["k"] == row.k) | lam0)
+                          & np.isclose(cells["lambda_"].astype(float), float(row.lambda_))]
+            trials = [(t, int(s)) for t, s in zip(group["trial_id"], group["seed"])]
+            trials = list(dict.fromkeys(trials))  # the λ = 0 trial is planned under both k
+            for diff in stats.diff_rows(stats.paired_differences(wide, trials, to_control)):
+                if diff["metric"] == "psnr_entire":
+                    vs_ctl = interval(diff)
+        lines.append(f"| {name} | {row.psnr_entire:.2f}{spread} | {row.ssim_entire:.3f} | {vs_ref} | {vs_ctl} |")
+    return lines
+
+
+def check_readme(sweep_dir: Path) -> None:
+    """Print `readme_rows`: the README's demo table, regenerated from `sweep_dir`."""
+    print(f"readme: the demo table from {sweep_dir}")
+    for line in readme_rows(sweep_dir):
+        print(line)
+
+
 def check_power(sweep_dir: Path) -> None:
     """Per region and metric: the median MDE over the cells and what the paper's effects need."""
     import pandas as pd
@@ -234,16 +301,17 @@ def check_power(sweep_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("check", choices=("noise", "base", "encoder", "budget", "power"))
+    parser.add_argument("check", choices=("noise", "base", "encoder", "budget", "power", "readme"))
     parser.add_argument("--sweep-dir", type=Path, help="a finished demo sweep (budget, power)")
     parser.add_argument("--size", type=int, default=64, help="image side of the noise check")
     args = parser.parse_args(argv)
-    if args.check == "power" and args.sweep_dir is None:
+    if args.check in ("power", "readme") and args.sweep_dir is None:
         parser.error(f"{args.check} needs --sweep-dir")
     if args.check == "budget":  # exit status 1 when the idempotence gap is out of its bounds
         sys.exit(0 if check_budget(args.sweep_dir) else 1)
     {"noise": lambda: check_noise(size=args.size), "base": check_base, "encoder": check_encoder,
-     "power": lambda: check_power(args.sweep_dir)}[args.check]()
+     "power": lambda: check_power(args.sweep_dir),
+     "readme": lambda: check_readme(args.sweep_dir)}[args.check]()
 
 
 if __name__ == "__main__":

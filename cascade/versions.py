@@ -10,7 +10,7 @@ from __future__ import annotations
 
 PROCEDURAL = {
     "generator": "cascade.data.synthetic/3",  # synthetic.GENERATOR: the procedural pixels
-    "base_version": 2,  # pretrain.BASE_VERSION: how the procedural base is trained
+    "base_version": 3,  # pretrain.BASE_VERSION: how the procedural base is trained
     "base_seed": 1000,  # pretrain.BASE_SEED: the base's data stream
     "test_seed": 2000,  # testset.TEST_SEED: the procedural test set
 }

@@ -1,6 +1,13 @@
 """What a person reads about a sweep: the progress line, the ETA, `status` lines, event lines.
 
 Pure functions of `TrialStatus` values (orchestrator.record) and plan cells; no I/O, no Ray.
+
+The progress line is about the cascade cells: its "best" PSNR is over trials of kind "cascade"
+only, and its ETA is paced by them. The evaluation-only kinds (`config.EVAL_ONLY_KINDS`: the
+reference and the control) take seconds and score the same base in every seed; the reference's
+best PSNR would stand in the line from the first trial to the last, and a pace learnt from them
+would promise seconds for minutes of fine-tuning. They are printed once each, on their own line
+(`eval_only_line`), when the first of them finishes.
 """
 
 from __future__ import annotations
@@ -8,9 +15,11 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cascade.config import EVAL_ONLY_KINDS
 from cascade.fmt import duration, psnr_text
 from orchestrator.plan import Plan, add_sample, cells_as_written, keys
 from orchestrator.record import STATES, SweepRecord, TrialStatus
@@ -20,24 +29,46 @@ SHIPPED_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 PROGRESS_EVERY_S = 30.0  # the progress line repeats at least this often while trials run
 REGIONS = ("entire", "streak", "glare")  # the regions whose best PSNR the progress line shows
 WAITING = ("pending", "interrupted", "trained")  # states of trials still to start
+# What the evaluation-only kinds are, in the line that prints each once.
+EVAL_ONLY_NAMES = {"reference": "reference (the base network)",
+                   "control": "control (the cascade at 0 steps)"}
+PACES = ("train", "eval")  # a trial's pace class: it trains (cascade), or it only evaluates
 
 
-def progress_line(statuses: list[TrialStatus], concurrency: int, elapsed_s: float | None = None) -> str:
-    """One line a person can follow: counts, best-so-far PSNR per region, elapsed and ETA."""
+def trial_kind(s: TrialStatus, kinds: Mapping[str, str] | None = None) -> str:
+    """A trial's kind: from `kinds` (trial id -> the plan cell's kind), else its metrics.json's
+    `kind`, else "cascade" (what a trial without either is: a search sample, an old record)."""
+    kind = (kinds or {}).get(s.trial_id) or (s.metrics or {}).get("kind")
+    return kind if isinstance(kind, str) else "cascade"
+
+
+def progress_line(statuses: list[TrialStatus], concurrency: int, elapsed_s: float | None = None,
+                  kinds: Mapping[str, str] | None = None) -> str:
+    """One line a person can follow: counts, best-so-far PSNR per region over the cascade trials,
+    elapsed and ETA. `kinds`: trial id -> kind (`trial_kind`)."""
     counts = {s: sum(t.state == s for t in statuses) for s in STATES}
-    return _line(counts, len(statuses), best_psnr(statuses), sweep_eta(statuses, concurrency),
-                 elapsed_s)
+    return _line(counts, len(statuses), best_psnr(statuses, kinds),
+                 sweep_eta(statuses, concurrency, kinds), elapsed_s)
 
 
-def best_psnr(statuses: list[TrialStatus]) -> dict[str, float]:
-    """`psnr_<region>` -> the largest finite value among the statuses' metrics (regions that have one)."""
+def best_psnr(statuses: list[TrialStatus], kinds: Mapping[str, str] | None = None) -> dict[str, float]:
+    """`psnr_<region>` -> the largest finite value among the metrics of the cascade trials
+    (regions that have one; the evaluation-only kinds are left out, see the module docstring)."""
     best = {}
+    cascade = [t for t in statuses if t.metrics and trial_kind(t, kinds) not in EVAL_ONLY_KINDS]
     for region in REGIONS:
-        values = [t.metrics.get(f"psnr_{region}") for t in statuses if t.metrics]
-        values = [v for v in values if _finite(v)]
+        values = [v for t in cascade if _finite(v := t.metrics.get(f"psnr_{region}"))]
         if values:
             best[f"psnr_{region}"] = max(values)
     return best
+
+
+def eval_only_line(kind: str, s: TrialStatus) -> str:
+    """The line an evaluation-only trial's result gets, once: "reference (the base network),
+    seed 0: PSNR entire 23.57 streak 30.10 glare 24.02"."""
+    seed = (s.metrics or {}).get("seed")
+    where = f", seed {seed}" if isinstance(seed, int) else ""
+    return f"{EVAL_ONLY_NAMES.get(kind, kind)}{where}: {psnr_text(s.metrics or {}, REGIONS) or 'no PSNR'}"
 
 
 def _line(counts: dict[str, int], total: int, best: dict[str, float], eta: float | None,
@@ -55,35 +86,71 @@ def _line(counts: dict[str, int], total: int, best: dict[str, float], eta: float
     return line + (" | " + ", ".join(times) if times else "")
 
 
-def sweep_eta(statuses: list[TrialStatus], concurrency: int) -> float | None:
-    """Seconds until every running and pending trial is done, at the pace seen so far.
+def sweep_eta(statuses: list[TrialStatus], concurrency: int,
+              kinds: Mapping[str, str] | None = None) -> float | None:
+    """Seconds until every running and waiting trial is done, at the pace seen so far.
 
-    A trial's duration is estimated as the mean over finished trials and running ones (elapsed +
-    remaining); None before any trial has finished or reported progress.
+    Paced per class (`pace_of`): a training trial takes the mean duration of the finished
+    training trials and of the running ones that reported (elapsed + remaining), times the share
+    of its configured steps still to run (an interrupted trial resumes at its checkpoint); an
+    evaluation takes the mean of the finished evaluations (0 before any: they take seconds).
+    None while training is still to come and no training trial has finished or reported: a pace
+    learnt from evaluations would promise seconds for minutes of fine-tuning.
     """
-    done = [t.elapsed_s for t in statuses if t.state == "done" and t.elapsed_s]
-    waiting = sum(t.state in WAITING for t in statuses)
-    return _eta(sum(done), len(done), [t for t in statuses if t.state == "running"], waiting,
-                concurrency)
+    done = {p: [0.0, 0] for p in PACES}
+    waiting = dict.fromkeys(PACES, 0.0)
+    running = []
+    for t in statuses:
+        p = pace_of(t, kinds)
+        if t.state == "done" and t.elapsed_s:
+            done[p][0] += t.elapsed_s
+            done[p][1] += 1
+        elif t.state in WAITING:
+            waiting[p] += work_left(t)
+        elif t.state == "running":
+            running.append((t, p))
+    return _eta(done, running, waiting, concurrency)
 
 
-def _eta(done_s: float, done_n: int, running: list[TrialStatus], waiting: int,
-         concurrency: int) -> float | None:
-    """`sweep_eta` from its parts: the summed durations of `done_n` finished trials, the running
-    trials' states and the number of trials waiting to start."""
-    durations = [t.elapsed_s + t.eta_s for t in running if t.eta_s is not None]
-    n = done_n + len(durations)
-    if not n:
+def pace_of(s: TrialStatus, kinds: Mapping[str, str] | None = None) -> str:
+    """"eval" for an evaluation-only kind and for a trained trial (its new evaluation runs no
+    training step), "train" otherwise."""
+    return "eval" if s.state == "trained" or trial_kind(s, kinds) in EVAL_ONLY_KINDS else "train"
+
+
+def work_left(s: TrialStatus) -> float:
+    """Share of a waiting trial's configured steps still to run: 1 - step/steps for one that
+    resumes from a checkpoint, else 1."""
+    if s.step and s.steps and s.state != "trained":
+        return max(0.0, 1.0 - s.step / s.steps)
+    return 1.0
+
+
+def _eta(done: Mapping[str, list], running: list[tuple[TrialStatus, str]],
+         waiting: Mapping[str, float], concurrency: int) -> float | None:
+    """`sweep_eta` from its parts, per pace class p: done[p] = [summed seconds, count] of the
+    finished trials, the running trials with their class, waiting[p] = the summed `work_left` of
+    the trials still to start."""
+    mean: dict[str, float | None] = {}
+    for p in PACES:
+        durations = [t.elapsed_s + t.eta_s for t, q in running
+                     if q == p and t.eta_s is not None and t.elapsed_s is not None]
+        n = done[p][1] + len(durations)
+        mean[p] = (done[p][0] + sum(durations)) / n if n else None
+    if mean["train"] is None and (mean["eval"] is None or waiting["train"]
+                                  or any(q == "train" and t.eta_s is None for t, q in running)):
         return None
-    mean = (done_s + sum(durations)) / n
-    remaining = sum(t.eta_s if t.eta_s is not None else mean for t in running)
-    return (remaining + mean * waiting) / max(1, concurrency)
+    mean["eval"] = mean["eval"] or 0.0
+    remaining = sum(mean[p] * waiting[p] for p in PACES if waiting[p])
+    for t, p in running:
+        remaining += t.eta_s if t.eta_s is not None else max(0.0, mean[p] - (t.elapsed_s or 0.0))
+    return remaining / max(1, concurrency)
 
 
 def cell_label(cell: dict[str, Any]) -> str:
-    """`reference s0` / `k=2 lambda_=0.6 s0` for a plan cell (sweep.json entry)."""
-    if cell.get("kind") == "reference":
-        return f"reference s{cell.get('seed')}"
+    """`reference s0` / `control s0` / `k=2 lambda_=0.6 s0` for a plan cell (sweep.json entry)."""
+    if cell.get("kind") in EVAL_ONLY_KINDS:
+        return f"{cell.get('kind')} s{cell.get('seed')}"
     return f"k={cell.get('k')} lambda_={cell.get('lambda_'):.4g} s{cell.get('seed')}"
 
 
@@ -112,7 +179,8 @@ def status_lines(name: str, cells: list[dict[str, Any]], by_id: dict[str, TrialS
         others = [e for e in (evaluations or {}).get(c["trial_id"], []) if e != c.get("eval_id")]
         extra = f" [other evaluations: {', '.join(others)}]" if others else ""
         lines.append(f"{cell_label(c):<28} {s.state:<11} {c['trial_id']:<28} {status_detail(s)}{extra}")
-    return [*lines, f"{name}: {progress_line(list(by_id.values()), 1)}"]
+    kinds = {c["trial_id"]: c.get("kind") for c in cells}
+    return [*lines, f"{name}: {progress_line(list(by_id.values()), 1, kinds=kinds)}"]
 
 
 def status_detail(s: TrialStatus) -> str:
@@ -190,7 +258,9 @@ class Board:
     so do the progress line's parts (counts per state, best PSNR, summed durations, the running
     trials): an event, a tick and a printed line cost the same in a sweep of 10 trials or 5000
     (O(running trials), not O(trials)). It prints a progress line on each change of the counts and
-    every PROGRESS_EVERY_S, and one line per ended trial; it writes what only the driver can:
+    every PROGRESS_EVERY_S, one line per ended trial, and, once per evaluation-only kind (the
+    reference, the control), that kind's first result on a line of its own
+    (`eval_only_line`); it writes what only the driver can:
     stopped.json (the scheduler ended a trial), error.json (a trial's process died before writing
     one), and new search samples (appended to the plan, `plan.add_sample`).
     """
@@ -199,13 +269,19 @@ class Board:
         self.space, self.record, self.concurrency = space, record, concurrency
         cells = plan.trials()
         self.eval_ids = {c.trial_id: c.eval_id for c in cells}
+        self.kinds = {c.trial_id: c.kind for c in cells}
         self.sampled = {c.trial_id for c, _ in plan.sampled}  # search trials the plan records
         self.states: dict[str, TrialStatus] = {}
         self.counts = dict.fromkeys(STATES, 0)
         self.best: dict[str, float] = {}
         self._best_stale = False  # a status with metrics was replaced: recompute before printing
-        self.done_s, self.done_n = 0.0, 0  # summed wall time of the done trials that have one
+        # Per pace class (`pace_of`): [summed wall time, count] of the done trials that have one,
+        # and the summed `work_left` of the waiting trials.
+        self.done = {p: [0.0, 0] for p in PACES}
+        self.waiting = dict.fromkeys(PACES, 0.0)
         self.running: dict[str, TrialStatus] = {}
+        self.eval_only: dict[str, TrialStatus] = {}  # kind -> its first done trial
+        self.announced: set[str] = set()  # the kinds whose line was printed
         for status in record.statuses(keys(cells)):
             self._set(status)
         self.started_at, self.last_print, self.last_counts = time.time(), 0.0, None
@@ -220,6 +296,7 @@ class Board:
             self.sampled.add(cell.trial_id)
             add_sample(self.record, cell, sampled)
         self.eval_ids[cell.trial_id] = cell.eval_id
+        self.kinds.setdefault(cell.trial_id, cell.kind)  # a plan cell keeps the kind it was counted as
         self.begun[cell.trial_id] = time.time()
         self._set(TrialStatus(cell.trial_id, "running", steps=cell.config.steps))
         self.tick(force=True)
@@ -258,14 +335,19 @@ class Board:
         if now - self.last_print < PROGRESS_EVERY_S and (not force or counts == self.last_counts):
             return
         self.last_print, self.last_counts = now, counts
+        for kind, status in self.eval_only.items():
+            if kind not in self.announced:
+                self.announced.add(kind)
+                self.say(f"[{self.space.name}] {eval_only_line(kind, status)}")
         self.say(f"[{self.space.name}] {self.line(now - self.started_at)}")
 
     def line(self, elapsed_s: float | None = None) -> str:
         """`progress_line` of the board's states, from the parts it keeps."""
         if self._best_stale:
-            self.best, self._best_stale = best_psnr(list(self.states.values())), False
-        waiting = sum(self.counts[s] for s in WAITING)
-        eta = _eta(self.done_s, self.done_n, list(self.running.values()), waiting, self.concurrency)
+            self.best, self._best_stale = best_psnr(list(self.states.values()), self.kinds), False
+        running = [(s, pace_of(s, self.kinds)) for s in self.running.values()]
+        waiting = {p: round(w, 9) for p, w in self.waiting.items()}  # sums of +/- fractions
+        eta = _eta(self.done, running, waiting, self.concurrency)
         return _line(self.counts, len(self.states), self.best, eta, elapsed_s)
 
     def _set(self, status: TrialStatus) -> None:
@@ -278,18 +360,24 @@ class Board:
 
     def _count(self, s: TrialStatus, sign: int) -> None:
         self.counts[s.state] += sign
+        kind, p = trial_kind(s, self.kinds), pace_of(s, self.kinds)
         if s.state == "done" and s.elapsed_s:
-            self.done_s, self.done_n = self.done_s + sign * s.elapsed_s, self.done_n + sign
+            self.done[p][0] += sign * s.elapsed_s
+            self.done[p][1] += sign
+        if s.state in WAITING:
+            self.waiting[p] += sign * work_left(s)
+        if s.state == "done" and sign > 0 and kind in EVAL_ONLY_KINDS:
+            self.eval_only.setdefault(kind, s)
         if s.state == "running":
             if sign > 0:
                 self.running[s.trial_id] = s
             else:
                 self.running.pop(s.trial_id, None)
-        if s.metrics and not self._best_stale:
+        if s.metrics and kind not in EVAL_ONLY_KINDS and not self._best_stale:
             if sign < 0:  # a maximum cannot forget a value: recompute when printing
                 self._best_stale = True
             else:
-                for key, value in best_psnr([s]).items():
+                for key, value in best_psnr([s], self.kinds).items():
                     self.best[key] = max(value, self.best.get(key, value))
 
     def _ended(self, status: TrialStatus, where: str = "") -> None:

@@ -204,3 +204,29 @@ def test_demo_check_budget_prints_the_idempotence_gap_and_its_verdict(
     verdict = "within the bounds" if code == 0 else "NOT within the bounds"
     assert (f"idempotence gap (reference - cascade at 0 steps): PSNR {gap_psnr:+.3f} dB (at most "
             f"0.3), SSIM {gap_ssim:+.4f} (at most 0.005): {verdict}\n") in out
+
+
+def test_demo_check_readme_rows_are_the_table_and_diff_frame_values(tmp_path, monkeypatch):
+    from test_collect import make_results_tree
+
+    from reports.collect import load_sweep
+    from reports.table1 import diff_frame, table1_frame
+
+    monkeypatch.setenv("FLARESWEEP_CACHE", str(tmp_path / "cache"))
+    _fake_demo_base(tmp_path / "cache", 0.1, 0.001)
+    import demo_check
+
+    sweep_dir = make_results_tree(tmp_path, seeds=(0, 1))
+    lines = demo_check.readme_rows(sweep_dir)
+    sweep = load_sweep(sweep_dir)
+    table, diffs = table1_frame(sweep), diff_frame(sweep)
+    assert lines[0].startswith("| 12 test images, seeds 0-1 |") and lines[1] == "|---|---|---|---|---|"
+    assert lines[2] == "| identity (input as output) | 11.74 | 0.490 | | |"  # base.json's identity
+    ref = table[table["method"] == "reference"].iloc[0]
+    assert lines[3] == f"| reference (the base) | {ref['psnr_entire']:.2f} | {ref['ssim_entire']:.3f} |  |  |"
+    # One row per cascade cell, the λ = 0 trial once; no control in this sweep: its column empty.
+    assert len(lines) == 4 + 5 and sum("λ = 0 (k has no effect)" in line for line in lines) == 1
+    row = diffs[(diffs["method"] == "cascade") & (diffs["k"] == 2) & (diffs["lambda_"] == 1.0)
+                & (diffs["metric"] == "psnr_entire")].iloc[0]
+    (line,) = [line for line in lines if line.startswith("| k=2, λ = 1 |")]
+    assert line.endswith(f"| {row['diff']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] |  |")

@@ -14,6 +14,7 @@ from reports.figures import (
     FILL_ALPHA,
     REGION_FILLS,
     diff_vs_lambda,
+    light_kept,
     metric_vs_lambda,
     power_lines,
     qualitative,
@@ -88,32 +89,89 @@ def test_sampled_lambdas_get_regular_ticks_and_stopped_cells_are_named(built):
     assert "no result (failed, stopped early or not run)" in labels
 
 
-def test_diff_markers_filled_only_where_ci_excludes_zero(built):
+def test_diff_markers_filled_only_where_flagged_and_ringed_where_holm(built):
     _, _, diffs = built
+    diffs = diffs.copy()
+    first = diffs.index[(diffs["metric"] == "psnr_entire") & diffs["flagged"]][0]
+    diffs.loc[first, "flagged_holm"] = True  # (the tiny tree has none of its own)
     fig = diff_vs_lambda(diffs)
     ax = fig.axes[0]  # ΔPSNR, entire image
     rows = diffs[diffs["metric"] == "psnr_entire"]
     points = [ln for ln in ax.get_lines() if ln.get_linestyle() == "None" and ln.get_marker() in "os"]
-    filled = [ln for ln in points if ln.get_markerfacecolor() != "white"]
+    rings = [ln for ln in points if ln.get_markerfacecolor() == "none"]
+    filled = [ln for ln in points if ln.get_markerfacecolor() not in ("white", "none")]
     hollow = [ln for ln in points if ln.get_markerfacecolor() == "white"]
-    assert sum(len(ln.get_xdata()) for ln in filled) == int(rows["excludes_zero"].sum())
-    assert sum(len(ln.get_xdata()) for ln in hollow) == int((~rows["excludes_zero"]).sum())
+    assert sum(len(ln.get_xdata()) for ln in filled) == int(rows["flagged"].sum())
+    assert sum(len(ln.get_xdata()) for ln in hollow) == int((~rows["flagged"]).sum())
+    assert sum(len(ln.get_xdata()) for ln in rings) == 1
+    # The partial cell (k=1, λ=0.6: one seed finished) measured no seed variance: never flagged.
+    partial = rows[(rows["k"] == 1) & np.isclose(rows["lambda_"], 0.6)].iloc[0]
+    assert not partial["seed_variance_measured"] and not partial["flagged"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "flagged" in labels and "flagged after Holm" in labels
+    footer = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert "Seed variance not measured (1 seed): k=1, λ=0.6; intervals over images only, never flagged." in footer
+    assert "95% interval over seeds and images" in fig._suptitle.get_text()
 
 
-def test_qualitative_grid_and_its_captions(built):
+def _caption_values(caption: str) -> tuple[float, float]:
+    """(PSNR, SSIM) from a caption's first line "PSNR 23.41 dB, SSIM 0.8712"."""
+    words = caption.splitlines()[0].replace(",", "").split()
+    return float(words[1]), float(words[4])
+
+
+def test_qualitative_shows_the_best_and_the_worst_cell_with_their_per_image_values(built):
     sweep, table, _ = built
-    fig = qualitative(sweep, table, anchor=(2, 0.6), n_images=2)
-    axes = np.array(fig.axes).reshape(2, 5)
-    assert [ax.get_title() for ax in axes[0]] == [
-        "Input", "Reference (negative) output", "Anchor output (k=2, λ=0.6)", "Ground truth",
-        "Regions (mask)"]
-    assert axes[1, 0].get_ylabel() == "0001"
-    per = sweep.per_image
-    psnr = per[(per["trial_id"] == "k2-l0.6-s0") & (per["image"] == "0000")
-               & (per["region"] == "entire") & (per["metric"] == "psnr")]["value"].iloc[0]
-    assert axes[0, 2].get_xlabel().startswith(f"PSNR {psnr:.2f} dB, SSIM 0.")
+    fig = qualitative(sweep, table, n_images=2)
+    axes = np.array(fig.axes).reshape(2, 6)
+    ours = table[table["method"] == "cascade"]
+    best, worst = ours.loc[ours["psnr_entire"].idxmax()], ours.loc[ours["psnr_entire"].idxmin()]
+    assert (best["k"], best["lambda_"], worst["k"], worst["lambda_"]) == (2, 1.0, 2, 0.6)  # EFFECTS
+    titles = [ax.get_title() for ax in axes[0]]
+    assert titles[:2] == ["Input", "Reference (negative) output"]
+    assert titles[2] == f"Best: k=2, λ=1, seed 0\n(cell mean PSNR {best['psnr_entire']:.2f} dB)"
+    assert titles[3] == f"Worst: k=2, λ=0.6, seed 0\n(cell mean PSNR {worst['psnr_entire']:.2f} dB)"
+    assert titles[4:] == ["Ground truth", "Regions (mask)"]
+    # The numbers under each output are that trial's per_image.csv values of that image.
+    per = sweep.per_image[sweep.per_image["region"] == "entire"]
+    for r in range(2):
+        stem = axes[r, 0].get_ylabel()
+        for c, trial in ((1, "ref-s0"), (2, "k2-l1.0-s0"), (3, "k2-l0.6-s0")):
+            rows = per[(per["trial_id"] == trial) & (per["image"] == stem)].set_index("metric")["value"]
+            psnr, ssim = _caption_values(axes[r, c].get_xlabel())
+            assert psnr == pytest.approx(rows["psnr"], abs=0.005)
+            assert ssim == pytest.approx(rows["ssim"], abs=0.00005)
+    assert _caption_values(axes[0, 2].get_xlabel()) != _caption_values(axes[0, 3].get_xlabel())
     # No outlines over the outputs: the regions are a panel of their own.
     assert not any(ax.collections for ax in axes.ravel())
+
+
+def test_qualitative_cells_follow_the_results_and_the_paper_cell_is_added_once(built):
+    sweep, table, _ = built
+    lowered = table.copy()
+    hit = (lowered["method"] == "cascade") & (lowered["k"] == 1) & (lowered["lambda_"] == 1.0)
+    lowered.loc[hit, "psnr_entire"] = 0.0  # now the worst cell
+    titles = [ax.get_title() for ax in qualitative(sweep, lowered, n_images=1).axes]
+    assert titles[3].startswith("Worst: k=1, λ=1, seed 0\n(cell mean PSNR 0.00 dB)")
+    # The paper's cell is a column of its own unless it is already shown (here: the worst).
+    extra = qualitative(sweep, table, paper_cell=(1, 1.0), n_images=1)
+    assert len(extra.axes) == 7 and extra.axes[4].get_title().startswith(
+        "The paper's figure cell: k=1, λ=1, seed 0")
+    assert len(qualitative(sweep, table, paper_cell=(2, 0.6), n_images=1).axes) == 6
+
+
+def test_light_kept_is_the_weighted_level_ratio_and_is_captioned():
+    gt = np.zeros((4, 4, 3), np.uint8)
+    gt[1, 1] = 200
+    gt[2, 2] = 100
+    mask = np.zeros((4, 4, 3), np.uint8)
+    mask[1, 1] = mask[2, 2] = (0, 0, 255)  # two light-source pixels
+    out = gt.copy()
+    out[1, 1] = 50  # one light source dimmed: (50 + 100) / (200 + 100)
+    assert light_kept(out, gt, mask) == pytest.approx(0.5)
+    assert light_kept(gt, gt, mask) == pytest.approx(1.0)
+    assert light_kept(np.zeros_like(gt), gt, mask) == 0.0
+    assert light_kept(out, gt, np.zeros_like(mask)) is None  # no light source in the mask
 
 
 def test_regions_panel_fills_every_region_and_dims_the_rest():
@@ -170,9 +228,10 @@ def test_write_figures_adds_the_power_columns_when_the_diff_frame_lacks_them(bui
     assert (tmp_path / "diff_vs_lambda.png") in written
 
 
-def test_qualitative_falls_back_to_best_cell_and_skips_without_images(built, tmp_path):
+def test_qualitative_with_one_cell_or_without_images(built, tmp_path):
     sweep, table, _ = built
-    fig = qualitative(sweep, table, anchor=(1, 0.33), n_images=1)
-    assert fig.axes[2].get_title() == "Anchor output (k=2, λ=1)"  # best entire-image PSNR
+    one = table[(table["method"] != "cascade") | ((table["k"] == 1) & (table["lambda_"] == 0.6))]
+    fig = qualitative(sweep, one, n_images=1)
+    assert [ax.get_title() for ax in fig.axes][2].startswith("Only cell: k=1, λ=0.6, seed 1")
     bare = load_sweep(make_results_tree(tmp_path, with_images=False))
     assert qualitative(bare, table1_frame(bare)) is None

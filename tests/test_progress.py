@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cascade.fmt import duration
 from orchestrator.plan import load_plan, write_plan
 from orchestrator.progress import Board, event_line, progress_line, status_lines, sweep_eta
 from orchestrator.record import SweepRecord, TrialStatus
@@ -35,6 +36,38 @@ def test_progress_line_and_eta():
         "2/6 done, 1 running, 1 failed, 2 pending | best PSNR entire 23.90 streak 30.00 | "
         "elapsed 2m05s, ETA 1m40s")
     assert sweep_eta([TrialStatus("e", "pending")], 1) is None
+
+
+def test_best_and_eta_leave_the_evaluation_only_trials_out():
+    """The reference and the control take seconds and are not what the sweep searches: the line's
+    best PSNR is over the cascade trials, and its ETA is paced by them."""
+    kinds = {"ref": "reference", "ctl": "control", "ref1": "reference"}
+    statuses = [
+        TrialStatus("ref", "done", elapsed_s=1.0, metrics={"psnr_entire": 23.57}),
+        TrialStatus("ctl", "done", elapsed_s=2.0, metrics={"psnr_entire": 22.0, "kind": "control"}),
+        TrialStatus("a", "done", elapsed_s=90.0, metrics={"psnr_entire": 20.5}),
+        TrialStatus("b", "running", step=50, steps=100, elapsed_s=50.0, eta_s=50.0),
+        TrialStatus("c", "pending"),
+        TrialStatus("d", "interrupted", step=25, steps=100),  # resumes at step 25: 3/4 left
+        TrialStatus("ref1", "pending"),
+    ]
+    # training: mean (90 + 100) / 2 = 95 s; evaluation: (1 + 2) / 2 = 1.5 s;
+    # remaining 50 + 95 * (1 + 0.75) + 1.5 = 217.75 s over 2 slots
+    assert sweep_eta(statuses, 2, kinds) == pytest.approx(108.875)
+    assert "best PSNR entire 20.50 |" in progress_line(statuses, 2, kinds=kinds)
+    # The kind comes from metrics.json when `kinds` lacks it; without either a trial is a cascade
+    # (negative control: the reference is then the best).
+    assert "best PSNR entire 22.00" not in progress_line(statuses, 2)
+    assert "best PSNR entire 23.57" in progress_line(statuses, 2)
+    # Only evaluations finished: no pace for the fine-tuning yet, so no ETA (the 1 s references
+    # would have promised 1 s per trial) and no best.
+    early = [TrialStatus("ref", "done", elapsed_s=1.0, metrics={"psnr_entire": 23.0}),
+             TrialStatus("a", "pending"), TrialStatus("b", "running", steps=100)]
+    assert sweep_eta(early, 1, kinds) is None
+    assert progress_line(early, 1, 5.0, kinds) == "1/3 done, 1 running, 0 failed, 1 pending | elapsed 5s"
+    # Once the running cascade trial reports, its pace counts: 20 s left + 40 s for "a".
+    early[2] = TrialStatus("b", "running", step=50, steps=100, elapsed_s=20.0, eta_s=20.0)
+    assert sweep_eta(early, 1, kinds) == pytest.approx(60.0)
 
 
 def test_status_and_event_lines():
@@ -85,7 +118,7 @@ def test_board_line_equals_progress_line_of_its_states(tmp_path: Path, capsys):
     ids = [c.trial_id for c in cells]
 
     def same() -> None:
-        assert board.line(12.0) == progress_line(list(board.states.values()), 2, 12.0)
+        assert board.line(12.0) == progress_line(list(board.states.values()), 2, 12.0, board.kinds)
 
     same()
     board.started(cells[0], None)
@@ -127,3 +160,33 @@ def test_board_appends_a_new_search_sample_without_rewriting_the_plan(tmp_path: 
     fresh = load_plan(space, SweepRecord(record.root))
     assert [(c.trial_id, v) for c, v in fresh.sampled] == [(cell.trial_id, {"lambda_": 0.3})]
     assert fresh.new_samples(space) == 3
+
+
+def test_board_prints_each_evaluation_only_result_once_and_keeps_it_out_of_best(tmp_path: Path, capsys):
+    (tmp_path / "space.yaml").write_text(SPACE.replace("seeds: [0]", "seeds: [0, 1]\nreference: true"))
+    space = load_space(tmp_path / "space.yaml")
+    record = SweepRecord(tmp_path / "results" / "board")
+    board = Board(space, record, load_plan(space, record), concurrency=1)
+    refs = [c for c in space.trials() if c.kind == "reference"]
+    cascade = [c for c in space.trials() if c.kind == "cascade"]
+    assert len(refs) == 2 and board.kinds[refs[0].trial_id] == "reference"
+    for seed, ref in enumerate(refs):
+        board.started(ref, None)
+        record.write_metrics(ref.trial_id, ref.eval_id, {
+            "psnr_entire": 23.57, "psnr_streak": 30.0, "kind": "reference", "seed": seed, "wall_s": 1.0})
+        board.completed(ref.trial_id, {})
+    out = capsys.readouterr().out
+    assert out.count("reference (the base network)") == 1
+    assert "[board] reference (the base network), seed 0: PSNR entire 23.57 streak 30.00\n" in out
+    assert "best" not in board.line() and "ETA" not in board.line()
+    board.started(cascade[0], None)
+    record.write_metrics(cascade[0].trial_id, cascade[0].eval_id,
+                         {"psnr_entire": 21.0, "kind": "cascade", "wall_s": 30.0})
+    board.completed(cascade[0].trial_id, {})
+    out = capsys.readouterr().out
+    assert "reference (the base" not in out and "best PSNR entire 21.00" in out
+    # 3 cascade trials left at the pace of the one finished (30 s), not at the references' 1 s;
+    # the evaluation-only trials still waiting (controls, if the space has them) at 1 s each.
+    evals = sum(board.kinds[t] != "cascade" and s.state == "pending" for t, s in board.states.items())
+    assert board.line().endswith(f"ETA {duration(3 * 30.0 + evals * 1.0)}")
+    assert board.line() == progress_line(list(board.states.values()), 1, None, board.kinds)
