@@ -259,10 +259,53 @@ def readme_rows(sweep_dir: Path) -> list[str]:
     return lines
 
 
+def contrast_lines(sweep_dir: Path) -> list[str]:
+    """The README paragraph's cell-against-cell effects, with the same seed-inclusive 95 %
+    intervals as diff.csv (reports.stats; each seed's trial paired with the other cell's trial
+    of that seed): per k, each λ against λ = 1 (PSNR and SSIM entire); per λ, k=1 against k=2."""
+    import pandas as pd
+
+    from reports import stats
+    from reports.collect import load_sweep
+
+    sweep = load_sweep(sweep_dir)
+    cells = sweep.cells[(sweep.cells["status"] == "done") & (sweep.cells["kind"] == "cascade")]
+    wide = stats.per_image_wide(sweep.per_image)
+
+    def trials(k: int, lam: float) -> dict[int, str]:
+        group = cells[np.isclose(cells["lambda_"].astype(float), lam) & ((cells["k"] == k) | (lam == 0))]
+        return {int(s): t for s, t in zip(group["seed"], group["trial_id"]) if pd.notna(s)}
+
+    def contrast(a: dict[int, str], b: dict[int, str]) -> str:
+        pairs = [(trial, seed) for seed, trial in a.items()]
+        rows = {r["metric"]: r for r in stats.diff_rows(stats.paired_differences(wide, pairs, b))}
+        out = []
+        for m, unit in (("psnr_entire", " dB"), ("ssim_entire", "")):
+            r = rows[m]
+            flag = " *" if r["flagged"] else ""
+            out.append(f"{m} {r['diff']:+.3f}{unit} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]{flag}")
+        return "; ".join(out)
+
+    lambdas = sorted({float(v) for v in cells["lambda_"]}, reverse=True)
+    lines = ["λ against λ = 1 (same k), 95 % intervals with the seed variance (* excludes 0):"]
+    for k in (1, 2):
+        for lam in lambdas:
+            if lam != 1.0 and trials(k, lam) and trials(k, 1.0):
+                lines.append(f"  k={k}, λ {lam:g} − 1: {contrast(trials(k, lam), trials(k, 1.0))}")
+    lines.append("k=1 against k=2 (same λ):")
+    for lam in lambdas:
+        if lam != 0.0 and trials(1, lam) and trials(2, lam):
+            lines.append(f"  λ = {lam:g}: {contrast(trials(1, lam), trials(2, lam))}")
+    return lines
+
+
 def check_readme(sweep_dir: Path) -> None:
-    """Print `readme_rows`: the README's demo table, regenerated from `sweep_dir`."""
+    """Print `readme_rows` and `contrast_lines`: the README's demo table and the numbers of its
+    paragraph, regenerated from `sweep_dir`."""
     print(f"readme: the demo table from {sweep_dir}")
     for line in readme_rows(sweep_dir):
+        print(line)
+    for line in contrast_lines(sweep_dir):
         print(line)
 
 
