@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from cascade.data import synthetic
 from cascade.errors import UserError
-from cascade.io import atomic_path, atomic_write_json, cache_dir, digest, file_lock
+from cascade.io import atomic_path, atomic_write_json, cache_dir, digest
+from cascade.locks import file_lock
 
 if TYPE_CHECKING:
     from cascade.config import TrialConfig

@@ -58,7 +58,7 @@ from torch import nn
 
 from cascade.config import BACKENDS
 from cascade.errors import UserError
-from cascade.io import pid_alive
+from cascade.locks import pid_alive
 
 # A rank that waits longer than this in a collective has a dead peer; fail rather than hang.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)

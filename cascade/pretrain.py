@@ -30,7 +30,7 @@ it costs against the base on PSNR and SSIM over the entire image, and `idempoten
 that is within MAX_GAP_PSNR_DB and MAX_GAP_SSIM (`second_pass_gap`).
 
 Concurrency: trials run in parallel processes (Ray). The base is built under an exclusive
-`io.file_lock` on `<folder>.lock`; whoever gets the lock first builds it, the others wait and then
+`locks.file_lock` on `<folder>.lock`; whoever gets the lock first builds it, the others wait and then
 find it ready. `base.pth` is published atomically (rename), so a build killed half-way leaves
 nothing that looks finished; the base's training resumes from its own checkpoint. The demo encoder
 (`cascade.demo_encoder`), when the config uses it, is built here too, before any trial starts.
@@ -57,7 +57,8 @@ from cascade.config import BASE_FIELDS, TrialConfig
 from cascade.data import synthetic
 from cascade.device import resolve_device, use_bf16
 from cascade.errors import UserError
-from cascade.io import atomic_write_json, cache_dir, digest, file_lock
+from cascade.io import atomic_write_json, cache_dir, digest
+from cascade.locks import file_lock
 
 if TYPE_CHECKING:  # imported when needed: cascade.uformer pulls in timm (seconds)
     from torch import nn

@@ -33,7 +33,7 @@ trial's own step: both are stored per rank, per step, as the step computes them.
 Sharing and recovery. Every file is written atomically (`cascade.io.atomic_write_bytes`) with a
 sha256 of its bytes in its first line. A shard that is missing, short (a trial with fewer steps
 wrote it), corrupt or unreadable is (re)built by the trial that needs it, under an exclusive
-`cascade.io.file_lock` per shard, so concurrent trials build each shard once. A trial that finds
+`cascade.locks.file_lock` per shard, so concurrent trials build each shard once. A trial that finds
 a shard locked (another trial is building it) builds the next shard nobody has started meanwhile,
 and waits only when none is left: trials that run side by side share the building instead of
 queueing behind one. A disk that would have less than MIN_FREE_BYTES free after a write, or a
@@ -58,7 +58,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from cascade.io import atomic_write_bytes, atomic_write_json, cache_dir, digest, file_lock
+from cascade.io import atomic_write_bytes, atomic_write_json, cache_dir, digest
+from cascade.locks import file_lock
 from cascade.losses import CascadeLoss, target_kind
 from cascade.machine import cpu_model, package_version
 

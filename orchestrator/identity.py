@@ -32,7 +32,8 @@ from typing import Any
 from cascade import config
 from cascade.config import TrialConfig
 from cascade.errors import UserError
-from cascade.io import IMAGE_SUFFIXES, atomic_write_json, cache_dir, digest, file_lock, read_json
+from cascade.io import IMAGE_SUFFIXES, atomic_write_json, cache_dir, digest, read_json
+from cascade.locks import file_lock
 
 FINGERPRINT_VERSION = 1  # bump when what a fingerprint covers changes
 _CHUNK = 1 << 20

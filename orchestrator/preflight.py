@@ -16,7 +16,7 @@ from typing import Any
 
 from cascade.config import TrialConfig, check_base_kind
 from cascade.errors import UserError
-from cascade.io import NETWORK_FS, on_network_fs
+from cascade.locks import NETWORK_FS, on_network_fs
 
 # File systems a multi-node cluster can share (from /proc/mounts); anything else counts as local.
 SHARED_FS = NETWORK_FS

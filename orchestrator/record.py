@@ -43,14 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import UserError, first_line
-from cascade.io import (
-    atomic_write_json,
-    describe_holder,
-    file_lock,
-    lease_stale_s,
-    pid_alive,
-    read_json,
-)
+from cascade.io import atomic_write_json, read_json
+from cascade.locks import describe_holder, file_lock, lease_stale_s, pid_alive
 
 # A trial's state, from its folder (and the run id of the live `sweep.py run`, if any). "trained":
 # its training finished (another evaluation exists) but this evaluation does not exist yet.
@@ -337,7 +331,7 @@ class Heartbeat:
 class SweepLock:
     """Held by `sweep.py run` for its whole life: one run per results folder at a time.
 
-    The lock is `cascade.io.file_lock` on `.lock`: an flock on a local disk (it dies with its
+    The lock is `cascade.locks.file_lock` on `.lock`: an flock on a local disk (it dies with its
     process), a lease file on a network file system, where flock is missing or only node-local
     (stale once its heartbeat stops for `lease_stale_s()`, at once when its pid is gone from this
     host). Both write run.json (run id, host, pid, started) and touch it every

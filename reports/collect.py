@@ -63,8 +63,9 @@ class SweepResults:
     trials: dict[str, dict[str, Any]]
     record: SweepRecord | None = None
 
-    def trial_dir(self, trial_id: str) -> Path:
-        """Folder of the trial's evaluation these results show (samples/, per_image.csv)."""
+    def eval_dir(self, trial_id: str) -> Path:
+        """The evaluation folder these results show for a trial (samples/, per_image.csv):
+        `trials/<id>/evals/<eval_id>/`, not the trial's own folder."""
         record = self.record or SweepRecord(self.root)
         return record.eval_dir(trial_id, self.trials[trial_id]["eval_id"])
 

@@ -477,7 +477,7 @@ def qualitative(sweep: SweepResults, table: pd.DataFrame, *,
         log.info("qualitative figure skipped: test set folder %s not found", test_dir)
         return None
     outputs = [(ref_id, "Reference (negative) output")] + [(c.trial_id, c.title) for c in shown]
-    folders = [sweep.trial_dir(t) / "samples" for t, _ in outputs]
+    folders = [sweep.eval_dir(t) / "samples" for t, _ in outputs]
     stems = sorted(p.stem for p in folders[1].glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     stems = [s for s in stems if all(_find_image(f, s) for f in folders) and all(
         _find_image(test_dir / sub, s) for sub in ("input", "gt", "mask"))]

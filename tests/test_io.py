@@ -20,13 +20,13 @@ from cascade.io import (
     atomic_write_text,
     cache_dir,
     digest,
-    file_lock,
     list_images,
     pair_images,
     pair_key,
     parse_yaml,
     read_json,
 )
+from cascade.locks import file_lock
 
 
 def test_write_and_replace(tmp_path):
@@ -53,7 +53,7 @@ def test_results_are_not_owner_only(tmp_path):
     from cascade import io
 
     atomic_write_text(tmp_path / "a.txt", "x")
-    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~io._UMASK
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~io.UMASK
 
 
 def test_image_files_one_rule_for_every_reader(tmp_path):
@@ -99,7 +99,7 @@ def _hold_in_another_process(lock: Path, shared: bool) -> subprocess.Popen:
     """A python process holding `lock` until its stdin closes; returns once it holds it."""
     code = textwrap.dedent(f"""
         import sys
-        from cascade.io import file_lock
+        from cascade.locks import file_lock
         with file_lock({str(lock)!r}, shared={shared}):
             print("held", flush=True)
             sys.stdin.read()

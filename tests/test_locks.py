@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from cascade import io
+from cascade import locks
 from cascade.errors import UserError
-from cascade.io import Lease, LockHeld, file_lock, lease_path, lock_kind, mount_type
+from cascade.locks import Lease, LockHeld, file_lock, lease_path, lock_kind, mount_type
 from orchestrator.record import SweepLock, SweepRecord, run_is_live
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_mount_type_reads_proc_mounts(tmp_path):
                                               ("ext4", "flock"), ("xfs", "flock")])
 def test_auto_takes_a_lease_on_network_mounts(tmp_path, monkeypatch, fstype, kind):
     monkeypatch.delenv("FLARESWEEP_LOCK", raising=False)
-    monkeypatch.setattr(io, "mount_type", lambda path: fstype)
+    monkeypatch.setattr(locks, "mount_type", lambda path: fstype)
     assert lock_kind(tmp_path / "missing" / "folder") == kind
     monkeypatch.setenv("FLARESWEEP_LOCK", "flock")  # the user's word wins
     assert lock_kind(tmp_path) == "flock"
@@ -112,7 +112,7 @@ def test_a_held_lease_stays_fresh_past_its_bound(tmp_path):
     path = tmp_path / "x.lease"
     code = textwrap.dedent(f"""
         import sys
-        from cascade.io import Lease
+        from cascade.locks import Lease
         lease = Lease({str(path)!r}, stale_after_s=0.6)
         lease.acquire()
         print("held", flush=True)
@@ -156,7 +156,7 @@ def test_flock_enosys_falls_back_to_an_exclusive_lease(tmp_path, monkeypatch):
     def no_flock(fd: int, op: int) -> None:
         raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre without -o flock
 
-    monkeypatch.setattr(io.fcntl, "flock", no_flock)
+    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
     lock = tmp_path / "base.lock"
     with file_lock(lock) as kind:
         assert kind == "lease" and lease_path(lock).is_file()
@@ -169,7 +169,7 @@ def test_other_flock_errors_are_not_hidden(tmp_path, monkeypatch):
     def broken(fd: int, op: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(io.fcntl, "flock", broken)
+    monkeypatch.setattr(locks.fcntl, "flock", broken)
     with pytest.raises(OSError, match="Input/output error"), file_lock(tmp_path / "x.lock"):
         pass
 
@@ -228,7 +228,7 @@ def test_a_sweep_lock_where_flock_is_missing_is_a_lease(tmp_path, monkeypatch):
     def no_flock(fd: int, op: int) -> None:
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr(io.fcntl, "flock", no_flock)
+    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
     record = SweepRecord(tmp_path)
     with SweepLock(tmp_path, "run-a") as lock:
         assert lock.kind == "lease" and lease_path(tmp_path / ".lock").is_file()

@@ -19,7 +19,7 @@ their convex hull: G <= R (streak weight >= 0) and R + B <= 255 (weights sum to 
 `ensure_test_data(cfg)`: `cfg.test_data`, else `<data>/test_data/real` for Flare7K data, else a
 procedural test set (`cascade.data.synthetic`, the "test" split, seed `TEST_SEED`) cached under
 `<cache>/testsets/<name>-<hash>/`, the hash covering `config.TEST_FIELDS`, the split, the seed and
-the generator version. It is built under an `io.file_lock` and published with one folder rename,
+the generator version. It is built under an `locks.file_lock` and published with one folder rename,
 so concurrent trials share one build and a build killed half-way leaves nothing that looks
 finished. The fixed seed means every trial of a sweep, whatever its seed, is scored on the same
 images; the test split's own seed namespace and photographs (`synthetic.SCENES["test"]`) mean none
@@ -42,7 +42,8 @@ from cascade.config import TEST_FIELDS, real_test_dir
 from cascade.data import synthetic
 from cascade.data.images import read_rgb
 from cascade.errors import UserError
-from cascade.io import cache_dir, digest, file_lock, list_images, pair_images
+from cascade.io import cache_dir, digest, list_images, pair_images
+from cascade.locks import file_lock
 
 if TYPE_CHECKING:
     from cascade.config import TrialConfig
