@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from cascade.data import synthetic
 from cascade.errors import UserError
 from cascade.io import atomic_path, atomic_write_json, cache_dir, digest
-from cascade.locks import file_lock
+from cascade.locks import build_once
 
 if TYPE_CHECKING:
     from cascade.config import TrialConfig
@@ -134,10 +134,11 @@ def ensure_demo_encoder() -> Path:
         return target
     from cascade.pretrain import cpu_threads
 
-    with file_lock(folder.with_suffix(".lock")):
-        if not target.is_file():
-            with cpu_threads(torch.device("cpu")):  # a tiny CNN (cascade.pretrain.PREPARE_THREADS)
-                train_demo_encoder(folder)
+    def build() -> None:
+        with cpu_threads(torch.device("cpu")):  # a tiny CNN (cascade.pretrain.PREPARE_THREADS)
+            train_demo_encoder(folder)
+
+    build_once(target, build, lock=folder.with_suffix(".lock"))
     return target
 
 

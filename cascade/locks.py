@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +309,22 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False, blocking: bool =
         yield kind
     finally:
         lease.release()
+
+
+def build_once(target: str | os.PathLike, build: Callable[[], None],
+               lock: str | os.PathLike | None = None) -> bool:
+    """Make `target` exist, built by exactly one of any number of concurrent callers.
+
+    `build()` must publish `target` atomically (a rename), so that it only ever appears complete:
+    then a caller that finds it needs no lock. Otherwise the first to get the exclusive
+    `file_lock` on `lock` (default `<target>.lock`) builds it and the others wait and find it
+    ready. True when this call ran `build`.
+    """
+    path = Path(target)
+    if path.exists():
+        return False
+    with file_lock(Path(lock) if lock is not None else path.with_suffix(".lock")):
+        if path.exists():  # built by another caller while this one waited
+            return False
+        build()
+    return True

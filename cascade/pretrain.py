@@ -58,7 +58,7 @@ from cascade.data import synthetic
 from cascade.device import resolve_device, use_bf16
 from cascade.errors import UserError
 from cascade.io import atomic_write_json, cache_dir, digest
-from cascade.locks import file_lock
+from cascade.locks import build_once
 
 if TYPE_CHECKING:  # imported when needed: cascade.uformer pulls in timm (seconds)
     from torch import nn
@@ -167,11 +167,12 @@ def ensure_base(cfg: TrialConfig) -> Path:
     if target.is_file():  # fast path, no lock: the file only ever appears complete (rename)
         _log_cached(folder)
         return target
-    with file_lock(folder.with_suffix(".lock")):
-        if not target.is_file():  # someone else may have built it while we waited
-            with cpu_threads(resolve_device(cfg.device)):
-                train_base(cfg, folder)
-            _LOGGED.add(folder)  # train_base logged its quality
+    def build() -> None:
+        with cpu_threads(resolve_device(cfg.device)):
+            train_base(cfg, folder)
+        _LOGGED.add(folder)  # train_base logged its quality
+
+    build_once(target, build, lock=folder.with_suffix(".lock"))
     return target
 
 

@@ -321,3 +321,32 @@ def test_status_works_on_a_read_only_mount(tmp_path, monkeypatch):
             assert [s.state for s in record.statuses([("k1-l0.5-s0-abc", "masked-x")])] == ["pending"]
         finally:
             monkeypatch.undo()
+
+
+def test_build_once_builds_exactly_once_among_concurrent_callers(tmp_path):
+    # Four threads race for one target; the build is slow and publishes by rename. Exactly one
+    # call builds; the others return once it is there. A second round finds it without a lock.
+    import threading
+
+    from cascade.locks import build_once
+
+    target = tmp_path / "artifact.bin"
+    calls: list[int] = []
+
+    def build() -> None:
+        calls.append(1)
+        time.sleep(0.2)
+        tmp = tmp_path / ".artifact.tmp"
+        tmp.write_bytes(b"done")
+        os.replace(tmp, target)
+
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(build_once(target, build)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(results) == [False, False, False, True]
+    assert target.read_bytes() == b"done"
+    assert build_once(target, build) is False and len(calls) == 1

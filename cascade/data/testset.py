@@ -19,7 +19,7 @@ their convex hull: G <= R (streak weight >= 0) and R + B <= 255 (weights sum to 
 `ensure_test_data(cfg)`: `cfg.test_data`, else `<data>/test_data/real` for Flare7K data, else a
 procedural test set (`cascade.data.synthetic`, the "test" split, seed `TEST_SEED`) cached under
 `<cache>/testsets/<name>-<hash>/`, the hash covering `config.TEST_FIELDS`, the split, the seed and
-the generator version. It is built under an `locks.file_lock` and published with one folder rename,
+the generator version. It is built once under a `locks.file_lock` (`locks.build_once`) and published with one folder rename,
 so concurrent trials share one build and a build killed half-way leaves nothing that looks
 finished. The fixed seed means every trial of a sweep, whatever its seed, is scored on the same
 images; the test split's own seed namespace and photographs (`synthetic.SCENES["test"]`) mean none
@@ -43,7 +43,7 @@ from cascade.data import synthetic
 from cascade.data.images import read_rgb
 from cascade.errors import UserError
 from cascade.io import cache_dir, digest, list_images, pair_images
-from cascade.locks import file_lock
+from cascade.locks import build_once
 
 if TYPE_CHECKING:
     from cascade.config import TrialConfig
@@ -155,16 +155,17 @@ def ensure_test_data(cfg: TrialConfig) -> Path:
         return path.resolve()
     root = cache_dir(cfg.base_cache) / "testsets"
     target = root / f"procedural-n{cfg.n_test}-s{cfg.test_size}-{test_key(cfg)}"
-    if target.is_dir():
-        return target
-    with file_lock(target.with_suffix(".lock")):
-        if not target.is_dir():
-            # Build beside the target, publish with one rename: a half-written set is never seen.
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-            try:
-                synthetic.generate_dataset(tmp, n=cfg.n_test, size=cfg.test_size, seed=TEST_SEED,
-                                           split=TEST_SPLIT)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+
+    def build() -> None:
+        # Build beside the target, publish with one rename: a half-written set is never seen.
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            synthetic.generate_dataset(tmp, n=cfg.n_test, size=cfg.test_size, seed=TEST_SEED,
+                                       split=TEST_SPLIT)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    build_once(target, build)
     return target
