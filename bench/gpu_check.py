@@ -38,7 +38,6 @@ import csv
 import gc
 import io
 import json
-import math
 import os
 import shutil
 import signal
@@ -110,7 +109,9 @@ def _free_cuda() -> None:
 
 
 def _num(value: Any, spec: str, width: int) -> str:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    from cascade.fmt import is_number
+
+    ok = is_number(value, finite=True)
     return f"{format(value, spec) if ok else '-':>{width}}"
 
 

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from cascade.demo_encoder import build_demo_encoder
-from cascade.errors import UserError
+from cascade.errors import UserError, brief
 from cascade.perceptual import ENCODER_FEATURES, PerceptualEncoder, check_features, resize_square
 
 __all__ = ["ENCODERS", "ENCODER_FEATURES", "PerceptualEncoder", "build_encoder",
@@ -155,7 +155,7 @@ def build_torchvision_vit(
             filename = enum.url.rsplit("/", 1)[-1]
             raise UserError(
                 f"cannot get the pretrained weights of encoder {name!r} ({source}: "
-                f"{_brief(exc)}). Without internet, download {enum.url} elsewhere, then "
+                f"{brief(exc)}). Without internet, download {enum.url} elsewhere, then "
                 f"either set `encoder_weights: /path/to/{filename}` or put the file at "
                 f"{Path(torch.hub.get_dir()) / 'checkpoints' / filename} (the torch hub cache; "
                 "TORCH_HOME moves it). For a CPU demo only, `encoder_pretrained: false` uses "
@@ -278,7 +278,7 @@ def build_timm(
             raise
         if weights is not None:
             raise UserError(f"encoder {name!r}: cannot load weights from {source}: "
-                            f"{_brief(exc)}") from exc
+                            f"{brief(exc)}") from exc
         raise UserError(_timm_offline_message(name, source, cfg, exc)) from exc
     model.reset_classifier(0)  # the head is never used; frees its memory (21k-class heads)
     data = resolve_model_data_config(model)
@@ -326,7 +326,7 @@ def _timm_offline_message(name: str, source: str, cfg: object, exc: BaseExceptio
         filename = (url or "weights.pth").rsplit("/", 1)[-1]
         where = (f"download {url} elsewhere and either set `encoder_weights: /path/to/{filename}` "
                  f"or put it under {Path(torch.hub.get_dir()) / 'checkpoints'} (the torch hub cache)")
-    return (f"cannot get the pretrained weights of encoder {name!r} ({source}: {_brief(exc)}). "
+    return (f"cannot get the pretrained weights of encoder {name!r} ({source}: {brief(exc)}). "
             f"Without internet, {where}. For a CPU demo only, `encoder_pretrained: false` uses "
             "random weights (recorded in the results).")
 
@@ -400,7 +400,7 @@ def _read_local(weights: str) -> dict[str, Tensor]:
         return load_state_dict(str(path))
     except Exception as exc:  # unpickling / safetensors errors have no common base class
         raise UserError(f"encoder_weights: cannot read {path} as a state dict: "
-                        f"{_brief(exc)}") from exc
+                        f"{brief(exc)}") from exc
 
 
 def _load_strict(model: nn.Module, state: dict[str, Tensor], name: str, source: str) -> None:
@@ -421,8 +421,3 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], name: str, source: 
         raise RuntimeError(f"{name}: tensors left on the meta device after loading")  # a bug here
 
 
-def _brief(exc: BaseException, limit: int = 300) -> str:
-    """The exception on one line, cut to `limit` characters (torch's load errors span many)."""
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

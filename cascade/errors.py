@@ -18,6 +18,14 @@ class UserError(Exception):
     """A problem with the user's input; the message names the file/key and what was expected."""
 
 
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """The exception on one line with its type, cut to `limit` characters (torch's load errors
+    span many lines)."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def first_line(text: object, default: str = "") -> str:
     """The first non-empty line of `str(text)`, stripped; `default` when there is none (or None).
 

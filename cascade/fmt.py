@@ -7,6 +7,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
+def is_number(value: Any, *, finite: bool = False) -> bool:
+    """True for an int or float read from JSON/YAML (bool, which is an int, excluded); with
+    `finite`, also not NaN or +-inf."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and (not finite or math.isfinite(value))
+
+
 def duration(seconds: float) -> str:
     """`42s`, `3m05s`, `2h04m` (rounded to the second; negative counts as 0)."""
     seconds = max(0, int(round(seconds)))
@@ -24,6 +31,6 @@ def psnr_text(metrics: Mapping[str, Any], regions: Sequence[str] = ("entire",)) 
     parts = []
     for region in regions:
         value = metrics.get(f"psnr_{region}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if is_number(value, finite=True):
             parts.append(f"{region} {value:.2f}")
     return "PSNR " + " ".join(parts) if parts else ""

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cascade.errors import UserError
+from cascade.errors import UserError, brief
 
 TORCHVISION_WEIGHTS = "AlexNet_Weights.IMAGENET1K_V1"
 # torchvision's AlexNet_Weights.IMAGENET1K_V1.url (a test checks it against the installed one);
@@ -222,7 +222,7 @@ def _read_state(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have no common base class
-        raise UserError(f"LPIPS weights: cannot read {path} as a state dict: {_brief(exc)}") from exc
+        raise UserError(f"LPIPS weights: cannot read {path} as a state dict: {brief(exc)}") from exc
     if not isinstance(state, dict):
         raise UserError(f"LPIPS weights: {path} holds a {type(state).__name__}, not a state dict")
     # DataParallel-saved files prefix every key with `module.`
@@ -257,7 +257,7 @@ def _device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise UserError(f"LPIPS device: {device!r} is not a torch device ({_brief(exc)})") from exc
+        raise UserError(f"LPIPS device: {device!r} is not a torch device ({brief(exc)})") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"LPIPS device: {device!r} requested but CUDA is not available")
     return dev
@@ -293,8 +293,3 @@ def _fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _brief(exc: BaseException, limit: int = 300) -> str:
-    """The exception on one line, cut to `limit` characters (torch's load errors span many)."""
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

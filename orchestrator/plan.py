@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import UserError
+from cascade.fmt import is_number
 from orchestrator.record import UNFINISHED, SweepRecord, TrialStatus
 from orchestrator.space import Cell, SweepSpace, cell_for, distinct_trials, load_space
 
@@ -38,7 +39,7 @@ class Plan:
         points, rewards = [], []
         for cell, values in self.sampled:
             value = (record.status(cell.trial_id, cell.eval_id).metrics or {}).get(metric)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if is_number(value):
                 points.append(values)
                 rewards.append(float(value))
         return points, rewards

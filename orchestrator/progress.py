@@ -12,7 +12,6 @@ would promise seconds for minutes of fine-tuning. They are printed once each, on
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.config import EVAL_ONLY_KINDS
-from cascade.fmt import duration, psnr_text
+from cascade.fmt import duration, is_number, psnr_text
 from orchestrator.plan import Plan, add_sample, cells_as_written, keys
 from orchestrator.record import STATES, SweepRecord, TrialStatus
 from orchestrator.space import Cell, SweepSpace, space_name
@@ -214,7 +213,7 @@ def event_line(s: TrialStatus, where: str = "") -> str:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value, finite=True)
 
 
 def next_command(space: SweepSpace, sub: str) -> str:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import UserError, first_line
+from cascade.fmt import is_number
 from cascade.io import atomic_write_json, read_json
 from cascade.locks import describe_holder, file_lock, lease_stale_s, pid_alive
 
@@ -428,4 +429,4 @@ def _read_json_or_none(path: Path) -> Any:
 
 
 def _number(value: Any) -> Any:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return value if is_number(value) else None

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -48,6 +47,7 @@ import yaml
 
 from cascade.config import PATH_FIELDS, TIMM_PREFIX, TrialConfig
 from cascade.errors import UserError
+from cascade.fmt import is_number
 from cascade.io import parse_yaml
 from orchestrator import identity, preflight
 
@@ -428,7 +428,7 @@ def _seed_count(n: int) -> tuple[int, ...]:
 
 
 def _check_gpu(gpu: Any, where: str) -> None:
-    ok = isinstance(gpu, (int, float)) and not isinstance(gpu, bool) and math.isfinite(gpu) and gpu >= 0
+    ok = is_number(gpu, finite=True) and gpu >= 0
     if not ok or (gpu > 1 and gpu != int(gpu)):
         raise UserError(f"{where}={gpu!r} is invalid; expected a fraction in [0, 1] or a whole number of GPUs")
 
@@ -530,7 +530,7 @@ def _param(name: str, spec: Any, fixed: dict[str, Any], where: str) -> Param:
     if not isinstance(args, list) or not args:
         raise UserError(f"{where}: {dist} needs a list of values")
     if dist != "choice":
-        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        if len(args) != 2 or not all(is_number(a) for a in args):
             raise UserError(f"{where}: {dist} needs [low, high]")
         low, high = args
         if not low < high:
