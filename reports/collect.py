@@ -41,7 +41,11 @@ FACT_KEYS = ("protocol", "encoder", "encoder_pretrained", "data", "test_data", "
              "batch_size", "crop")
 # "stopped": ended early by the scheduler (stopped.json), never resumed; "pending": not finished
 # (not started, running or interrupted).
-STATUSES = ("done", "failed", "stopped", "pending")
+# A table row's status, from the one vocabulary of trial states (orchestrator.record.STATES):
+# a table needs only whether a trial finished, failed, stopped early or is not finished yet.
+REPORT_STATUS = {"done": "done", "failed": "failed", "stopped": "stopped", "running": "pending",
+                 "interrupted": "pending", "trained": "pending", "pending": "pending"}
+STATUSES = tuple(dict.fromkeys(REPORT_STATUS.values()))  # done, failed, stopped, pending
 # Why a table is a demo, in the order captions list them.
 DEMO_REASONS = ("random-weight encoder", "encoder weights unknown", "procedural training data",
                 "procedural base network", "procedural test set")
@@ -156,15 +160,14 @@ def _plan_row(i: int, cell: Any, where: Path) -> dict[str, Any]:
 
 def _trial_state(record: SweepRecord, trial_id: str, eval_id: str
                  ) -> tuple[str, str | None, dict[str, Any]]:
-    """(status, first error line, metrics) in STATUSES terms: running, interrupted and trained
-    trials are "pending" here; an unreadable metrics.json is a UserError naming it."""
+    """(status, first error line, metrics), the status in STATUSES terms (`REPORT_STATUS`);
+    an unreadable metrics.json is a UserError naming it."""
     metrics = record.read_metrics(trial_id, eval_id)
     if metrics is not None:
         return "done", None, metrics
     status = record.status(trial_id, eval_id)
-    if status.state in ("failed", "stopped"):
-        return status.state, status.error, {}
-    return "pending", None, {}
+    shown = REPORT_STATUS[status.state]
+    return shown, status.error if shown in ("failed", "stopped") else None, {}
 
 
 def _facts(config: dict[str, Any], plan_config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

@@ -297,3 +297,12 @@ def test_numeric_stems_stay_strings(tmp_path):
     path.write_text("image,region,metric,value\n000000,entire,psnr,20.5\n000017,entire,psnr,21.0\n")
     frame = _read_per_image(path, "t")
     assert list(frame["image"]) == ["000000", "000017"]
+
+
+def test_report_statuses_map_every_trial_state():
+    # One vocabulary of trial states (orchestrator.record.STATES); reports map it, none is lost.
+    from orchestrator.record import STATES
+    from reports.collect import REPORT_STATUS, STATUSES
+
+    assert set(REPORT_STATUS) == set(STATES) and len(REPORT_STATUS) == len(STATES)
+    assert STATUSES == ("done", "failed", "stopped", "pending")
