@@ -448,15 +448,16 @@ def section_sweep(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - t0
         record = SweepRecord(results / SWEEP_NAME)
         trials = []
-        for status in record.statuses(record.plan_trial_ids()):
-            metrics = record.read_metrics(status.trial_id) or {}
-            entry = {"trial_id": status.trial_id, "state": status.state, "error": status.error,
+        keys = record.plan_keys()
+        for (tid, eid), status in zip(keys, record.statuses(keys)):
+            metrics = record.read_metrics(tid, eid) or {}
+            entry = {"trial_id": tid, "state": status.state, "error": status.error,
                      **{k: metrics.get(k) for k in ("device", "steps", "wall_s", "train_s",
                                                     "eval_s", "images_per_s", "psnr_entire")}}
-            done_file = record.trial_dir(status.trial_id) / "metrics.json"
-            if metrics and done_file.is_file():  # [end - wall_s, end]: when the trial ran
-                entry["end"] = done_file.stat().st_mtime
-                entry["start"] = entry["end"] - float(metrics["wall_s"])
+            end = record.finished_at(tid, eid)
+            if metrics and end is not None:  # [end - wall_s, end]: when the trial ran
+                entry["end"] = end
+                entry["start"] = end - float(metrics["wall_s"])
             trials.append(entry)
         spans = [(t["start"], t["end"]) for t in trials if "start" in t]
         overlap = (max(0.0, min(e for _, e in spans) - max(s for s, _ in spans))

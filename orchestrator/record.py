@@ -197,8 +197,20 @@ class SweepRecord:
 
     def plan_trial_ids(self) -> list[str]:
         """Distinct trial ids of the plan, in plan order (empty before any run)."""
+        return list(dict.fromkeys(tid for tid, _ in self.plan_keys()))
+
+    def plan_keys(self) -> list[tuple[str, str]]:
+        """Distinct (trial id, eval id) of the plan, in plan order (empty before any run): what
+        `statuses` takes."""
         plan = self.read_plan()
-        return list(dict.fromkeys(c["trial_id"] for c in plan["cells"])) if plan else []
+        return list(dict.fromkeys((c["trial_id"], c.get("eval_id", "")) for c in plan["cells"])) if plan else []
+
+    def finished_at(self, trial_id: str, eval_id: str) -> float | None:
+        """When an evaluation finished (its metrics.json's mtime), None when it has not."""
+        try:
+            return (self.eval_dir(trial_id, eval_id) / "metrics.json").stat().st_mtime
+        except OSError:
+            return None
 
     # -- trial states ---------------------------------------------------------------------------------
     def status(self, trial_id: str, eval_id: str, active_run: str | None = None,

@@ -131,3 +131,19 @@ def test_search_samples_are_appended_and_taken_into_the_plan(tmp_path):
     (tmp_path / "samples.jsonl").write_text("{not json\n" + json.dumps(b) + "\n")
     with pytest.raises(UserError, match=r"samples.jsonl:1: unreadable JSON line"):
         SweepRecord(tmp_path).read_plan()
+
+
+def test_plan_keys_and_finished_at_name_the_evaluation(tmp_path):
+    # What a bench reads through the record: the plan's (trial, evaluation) pairs, when one ended.
+    from orchestrator.record import SweepRecord
+
+    record = SweepRecord(tmp_path / "s")
+    assert record.plan_keys() == []
+    cells = [{"trial_id": "t1", "eval_id": "e1"}, {"trial_id": "t1", "eval_id": "e1"},
+             {"trial_id": "t2", "eval_id": "e2"}]
+    atomic_write_json(record.plan_path, {"layout": 2, "cells": cells})
+    assert record.plan_keys() == [("t1", "e1"), ("t2", "e2")]
+    assert [s.state for s in record.statuses(record.plan_keys())] == ["pending", "pending"]
+    assert record.finished_at("t1", "e1") is None
+    atomic_write_json(record.eval_dir("t1", "e1") / "metrics.json", {"wall_s": 1.0})
+    assert record.finished_at("t1", "e1") == (record.eval_dir("t1", "e1") / "metrics.json").stat().st_mtime
