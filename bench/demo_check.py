@@ -333,11 +333,14 @@ def check_power(sweep_dir: Path) -> None:
                 rows.append({"k": k, "lambda_": lam, "n_seeds": len(trials), **row})
         diffs = pd.DataFrame(rows)
     print("power:")
-    for line in power_lines(stats.power_summary(diffs)):
+    cascade = diffs[diffs["method"] == "cascade"] if "method" in diffs else diffs
+    for line in power_lines(stats.power_summary(cascade)):  # as the Δ figure: the cascade cells
         print("  " + line)
     for row in diffs.itertuples(index=False):
         if row.metric == "psnr_entire":
-            print(f"  k={row.k} lambda_={row.lambda_:g}: diff {row.diff:+.3f} dB "
+            cell = ("control" if getattr(row, "method", "cascade") == "control"
+                    else f"k={row.k} lambda_={row.lambda_:g}")
+            print(f"  {cell}: diff {row.diff:+.3f} dB "
                   f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}], MDE {row.mde:.3f} dB, "
                   f"sd_image {row.sd_image:.3f}, sd_seed {row.sd_seed:.3f}")
 

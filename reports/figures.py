@@ -96,6 +96,10 @@ FOOTER_FONTSIZE = 7.5
 LEGEND_IN = 0.5  # inches a one-row figure legend with a title takes
 
 
+LEGEND_COLUMNS = 4
+LEGEND_ROW_IN = 0.22  # the height of each legend row after the first (inches, at fontsize 9)
+
+
 def _legend_and_footer(fig: Figure, handles: list, labels: list[str], lines: list[str], *,
                        title: str | None = None, fontsize: float = 9) -> None:
     """The figure legend under the panels, then `lines` of small text under it.
@@ -103,16 +107,21 @@ def _legend_and_footer(fig: Figure, handles: list, labels: list[str], lines: lis
     Without text this is an "outside lower center" legend. With text, the constrained layout is
     confined to the area above both (its `rect`) and the figure grows by their height, so the
     panels keep their size and nothing overlaps."""
-    kwargs = {"ncol": len(labels), "frameon": False, "fontsize": fontsize, "title": title,
+    # At most LEGEND_COLUMNS entries a row: the Δ figure's eight (reference, control, band, two k,
+    # two marker kinds) would run past the figure's edge in one row.
+    ncol = min(len(labels), LEGEND_COLUMNS)
+    rows = -(-len(labels) // ncol) if labels else 1
+    kwargs = {"ncol": ncol, "frameon": False, "fontsize": fontsize, "title": title,
               "title_fontsize": 8}
     if not lines:
         fig.legend(handles, labels, loc="outside lower center", **kwargs)
         return
     wrapped = [w for line in lines for w in textwrap.wrap(line, 175, subsequent_indent="  ")]
     text_in = (len(wrapped) + 0.5) * FOOTER_LINE_IN
-    fig.set_figheight(fig.get_figheight() + text_in + LEGEND_IN)
+    legend_in = LEGEND_IN + (rows - 1) * LEGEND_ROW_IN
+    fig.set_figheight(fig.get_figheight() + text_in + legend_in)
     h = fig.get_figheight()
-    fig.get_layout_engine().set(rect=(0, (text_in + LEGEND_IN) / h, 1, 1 - (text_in + LEGEND_IN) / h))
+    fig.get_layout_engine().set(rect=(0, (text_in + legend_in) / h, 1, 1 - (text_in + legend_in) / h))
     fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, text_in / h), **kwargs)
     fig.text(0.01, 0.25 * FOOTER_LINE_IN / h, "\n".join(wrapped), fontsize=FOOTER_FONTSIZE,
              ha="left", va="bottom", color="0.25")
