@@ -124,7 +124,7 @@ GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # the low-discrepancy rotation of `sample
 
 def base_frame(cfg: TrialConfig) -> int:
     """Side of the frames the base's training crops are cut from: the test resolution."""
-    return max(cfg.crop, cfg.test_size)
+    return synthetic.frame_side(cfg.crop, cfg.test_size)
 
 
 def base_spec(cfg: TrialConfig) -> dict:

@@ -66,7 +66,7 @@ from cascade.machine import cpu_model, package_version
 log = logging.getLogger(__name__)
 
 # Bump when what a shard holds changes, or which samples a step of a rank takes (step s: indices
-# s*B .. s*B+B-1, rank r of W the r-th of every W: cascade.train.step_indices, DataParallel.shard).
+# s*B .. s*B+B-1, rank r of W the r-th of every W: cascade.data.batches.step_indices, DataParallel.shard).
 STREAM_VERSION = 1
 SHARD_STEPS = 10  # steps per shard file: 31 MB per shard at the paper's 128 px, batch 8, fp32
 MIN_FREE_BYTES = 1 << 30  # never leave the cache's disk with less than this free
@@ -197,7 +197,7 @@ def compute_spec(device: torch.device, bf16: bool) -> dict[str, Any]:
 def stream_spec(cfg: Any, pairs: Any, negative: nn.Module, device: torch.device,
                 bf16: bool) -> dict[str, Any]:
     """What p and n of every step depend on (the folder's key; see the module docstring).
-    `cfg`: the trial's TrialConfig; `pairs`: its training pairs (`cascade.train.build_pairs`)."""
+    `cfg`: the trial's TrialConfig; `pairs`: its training pairs (`cascade.data.batches.build_pairs`)."""
     return {
         "version": STREAM_VERSION, "shard_steps": SHARD_STEPS,
         "data": {"seed": cfg.seed, "crop": cfg.crop, "batch_size": cfg.batch_size,

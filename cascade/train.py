@@ -74,6 +74,7 @@ from cascade.config import (
     check_base_kind,
     inference_mode,
 )
+from cascade.data.batches import batches, build_pairs, data_loader
 from cascade.data.testset import PairedTestSet, ensure_test_data
 from cascade.device import resolve_device, use_bf16
 from cascade.distributed import DataParallel, Report, check_backend, launch
@@ -81,7 +82,7 @@ from cascade.errors import UserError, cli_errors
 from cascade.fmt import duration, psnr_text
 from cascade.io import atomic_path, atomic_write_json
 from cascade.losses import DistanceStats
-from cascade.pretrain import base_frame, ensure_base
+from cascade.pretrain import ensure_base
 from cascade.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -127,71 +128,9 @@ def build_scheduler(cfg: TrialConfig, optimizer: torch.optim.Optimizer) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def build_pairs(cfg: TrialConfig) -> Any:
-    """Training pairs with `.batch(indices, device) -> (input, gt, flare)` (B, 3, crop, crop)."""
-    if cfg.data is not None:
-        from cascade.data.flare7k import Flare7KPairs
-
-        return Flare7KPairs(cfg.data, cfg.backgrounds, cfg.crop, cfg.seed,
-                            random_erasing=cfg.random_erasing, erasing_on=cfg.random_erasing_on,
-                            loader=cfg.data_loader)
-    from cascade.data.synthetic import ProceduralPairs
-
-    # Crops of frames rendered at the test resolution, as the base's (`base_frame`): flares then
-    # have the test images' size in pixels, as Flare7K synthesises at full size and crops.
-    return ProceduralPairs(cfg.crop, cfg.seed, frame=base_frame(cfg),
-                           random_erasing=cfg.random_erasing, erasing_on=cfg.random_erasing_on)
-
-
-def data_loader(pairs: Any) -> str:
-    """Which pair synthesis a trial trained on: "procedural", or the official loader the Flare7K
-    data follows ("flare7kpp" with light sources, "flare7k" without; `Flare7KPairs.loader`)."""
-    return getattr(pairs, "loader", "procedural")
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global torch RNG for one step of one rank (63-bit, from sha256)."""
     return derive_seed("flaresweep-step", seed, step, rank, shift=1)
-
-
-def step_indices(cfg: TrialConfig, step: int) -> torch.Tensor:
-    """Sample indices of the global batch of `step` (0-based): step*B .. step*B + B - 1."""
-    return torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-
-
-def _batches(pairs: Any, cfg: TrialConfig, dp: DataParallel, start: int, stop: int | None = None
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """This rank's (input, gt, flare) for steps start .. stop-1 (default: steps-1), on dp.device.
-
-    Flare7K files are decoded in `num_workers` loader processes (each sample is a pure function of
-    its index, so workers do not change the data); synthesis runs batched on the device.
-    """
-    steps = range(start, cfg.steps if stop is None else stop)
-    if cfg.data is not None and cfg.num_workers > 0:
-        loader = torch.utils.data.DataLoader(
-            _DecodeSteps(pairs, cfg, dp, steps), batch_size=None, num_workers=cfg.num_workers,
-            persistent_workers=False, prefetch_factor=2,
-        )
-        for raw in loader:
-            yield pairs.synthesize(raw, dp.device)
-    else:
-        for step in steps:
-            yield pairs.batch(dp.shard(step_indices(cfg, step)), dp.device)
-
-
-class _DecodeSteps(torch.utils.data.Dataset):
-    """Item i = this rank's decoded raw samples of step steps[i] (Flare7K CPU side)."""
-
-    def __init__(self, pairs: Any, cfg: TrialConfig, dp: DataParallel, steps: range) -> None:
-        self.pairs, self.cfg, self.steps = pairs, cfg, steps
-        self.rank, self.world = dp.rank, dp.world_size
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __getitem__(self, i: int) -> list[Any]:
-        idx = step_indices(self.cfg, self.steps[i])[self.rank :: self.world]
-        return [self.pairs.decode(int(j)) for j in idx]
 
 
 # -- training (one rank) -----------------------------------------------------------------------------
@@ -279,11 +218,11 @@ def _train_rank(dp: DataParallel, report: Report | None, cfg: TrialConfig, base_
             from cascade.stream_cache import StreamCache
 
             stream = StreamCache.for_trial(
-                cfg, negative, criterion, pairs, lambda r: _batches(pairs, cfg, dp, r.start, r.stop),
+                cfg, negative, criterion, pairs, lambda r: batches(pairs, cfg, dp, r.start, r.stop),
                 device, bf16, dp.rank, dp.world_size)
             if dp.is_main:
                 log.info("stream cache %s", stream.folder)
-        for step, item in enumerate(_batches(pairs, cfg, dp, start) if stream is None
+        for step, item in enumerate(batches(pairs, cfg, dp, start) if stream is None
                                     else stream.steps(start, cfg.steps), start):
             torch.manual_seed(step_seed(cfg.seed, step, dp.rank))
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):

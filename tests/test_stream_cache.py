@@ -21,6 +21,7 @@ from test_flare7k import _tree
 from cascade import stream_cache as SC
 from cascade import train as T
 from cascade.config import TrialConfig
+from cascade.data import batches as B
 from cascade.data import synthetic
 from cascade.losses import CascadeLoss, cascade_loss, target_features, target_kind
 from cascade.uformer import Uformer
@@ -268,7 +269,7 @@ def _keys(cfg: TrialConfig, weights_seed: int = 0, bf16: bool = False) -> tuple[
     torch.manual_seed(weights_seed)
     negative = Uformer(img_size=32, embed_dim=8, depths=(1,) * 9)
     encoder = build_encoder(cfg.encoder, cfg.encoder_pretrained, features=cfg.encoder_features)
-    spec = SC.stream_spec(cfg, T.build_pairs(cfg), negative, torch.device("cpu"), bf16)
+    spec = SC.stream_spec(cfg, B.build_pairs(cfg), negative, torch.device("cpu"), bf16)
     features = SC.features_spec(cfg, encoder, target_kind(cfg.lambda_, cfg.delta))
     return SC.digest(spec, 16), SC.digest(features, 12) if features else None
 

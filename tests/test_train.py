@@ -13,6 +13,7 @@ from test_evaluate import use_random_lpips
 from cascade import distributed
 from cascade import train as T
 from cascade.config import TrialConfig
+from cascade.data import batches as B
 from cascade.data.images import to_tensor, to_uint8
 from cascade.data.testset import PairedTestSet, ensure_test_data
 from cascade.metrics import evaluate_arrays, summarize
@@ -113,22 +114,22 @@ def test_lambda_one_records_no_distances(cache, tmp_path):
 
 
 def test_random_erasing_reaches_the_procedural_pairs(cache):
-    plain = T.build_pairs(tiny(cache)).batch([0, 1, 2, 3])
-    erased = T.build_pairs(tiny(cache, random_erasing=1.0, random_erasing_on="input")).batch([0, 1, 2, 3])
-    assert T.data_loader(T.build_pairs(tiny(cache))) == "procedural"
+    plain = B.build_pairs(tiny(cache)).batch([0, 1, 2, 3])
+    erased = B.build_pairs(tiny(cache, random_erasing=1.0, random_erasing_on="input")).batch([0, 1, 2, 3])
+    assert B.data_loader(B.build_pairs(tiny(cache))) == "procedural"
     assert not torch.equal(plain[0], erased[0])  # the input has its box
     assert torch.equal(plain[1], erased[1]) and torch.equal(plain[2], erased[2])  # gt, flare not
     # The paper's reading (the default target): the box is in the ground truth too.
-    background = T.build_pairs(tiny(cache, random_erasing=1.0)).batch([0, 1, 2, 3])
+    background = B.build_pairs(tiny(cache, random_erasing=1.0)).batch([0, 1, 2, 3])
     assert not torch.equal(plain[1], background[1]) and torch.equal(plain[2], background[2])
 
 
 def test_procedural_fine_tuning_pairs_are_crops_of_test_size_frames(cache):
     # Training crops are windows of frames at the test resolution, as the base's: flares have the
     # test images' scale in pixels (lambda_optuna.yaml: 64 px crops, 128 px test images).
-    pairs = T.build_pairs(tiny(cache, crop=32, test_size=64))
+    pairs = B.build_pairs(tiny(cache, crop=32, test_size=64))
     assert (pairs.size, pairs.frame) == (32, 64)
-    assert T.build_pairs(tiny(cache, crop=32, test_size=32)).frame == 32
+    assert B.build_pairs(tiny(cache, crop=32, test_size=32)).frame == 32
 
 
 def test_a_control_trial_is_the_untrained_cascade(cache, tmp_path):
@@ -423,7 +424,7 @@ def test_step_seeds_differ_by_step_and_rank_and_batches_are_disjoint():
     seeds = {T.step_seed(0, s, r) for s in range(50) for r in range(4)}
     assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
     cfg = TrialConfig.from_dict({"batch_size": 4})
-    assert T.step_indices(cfg, 2).tolist() == [8, 9, 10, 11]
+    assert B.step_indices(cfg, 2).tolist() == [8, 9, 10, 11]
 
 
 def test_non_finite_loss_error_survives_pickling_across_processes():

@@ -292,6 +292,12 @@ class Rendered:
     light: torch.Tensor
 
 
+def frame_side(crop: int, test_size: int) -> int:
+    """Side of the frames training crops are cut from: the test resolution (never below the crop),
+    so that training and test flares have the same size in pixels (module docstring, "Scale")."""
+    return max(crop, test_size)
+
+
 class ProceduralPairs:
     """Procedural night-flare pairs of one split, each a pure function of (seed, epoch, index).
 
