@@ -335,6 +335,11 @@ class TrialConfig:
         if self.crop < 16 or self.test_size < 16 or self.eval_size < 16:
             key = "crop" if self.crop < 16 else "test_size" if self.test_size < 16 else "eval_size"
             raise bad(key, "an image side >= 16")
+        if (self.eval_mode in ("center-crop", "tiles") and self.data is None and self.test_data is None
+                and self.eval_size > self.test_size):
+            raise UserError(f"{where}: eval_mode={self.eval_mode} cuts eval_size={self.eval_size} px "
+                            f"views from the procedural test images of test_size={self.test_size} "
+                            "px; use a resize mode or an eval_size <= test_size")
         if self.data is not None and self.backgrounds is None:
             raise UserError(f"{where}: data={self.data!r} needs backgrounds (a Flickr24K-style folder)")
         if self.workers > 1 and self.backend == "none":
@@ -421,10 +426,10 @@ def real_test_dir(cfg: TrialConfig) -> str | None:
 def inert_fields(cfg: TrialConfig) -> frozenset[str]:
     """Fields whose value cannot change this config's results given its other fields: left out of
     its identities (orchestrator.identity), so a field added with such a default keeps every
-    existing id. `data_loader` without data; `random_erasing_on` without erasing; `eval_size`
-    outside VIEW_MODES."""
+    existing id. `data_loader` without data or when null (by layout: what every trial did before
+    the field existed); `random_erasing_on` without erasing; `eval_size` outside VIEW_MODES."""
     inert = set()
-    if cfg.data is None:
+    if cfg.data is None or cfg.data_loader is None:  # null: by layout, as before the field existed
         inert.add("data_loader")
     if cfg.random_erasing == 0:
         inert.add("random_erasing_on")

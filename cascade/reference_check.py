@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from cascade.config import INFERENCE_MODES, TrialConfig
+from cascade.errors import UserError
 from cascade.metrics import summarize
 
 SIX = ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "ssim_streak", "ssim_glare")
@@ -29,7 +30,8 @@ def measure_readings(cfg: TrialConfig, modes: Sequence[str], protocols: Sequence
 
     `cfg` is the space's reference cell (its base network, test set, device and SSIM window).
     Columns: eval_mode, eval_size (None for the inference modes), protocol, n_images, SIX,
-    predict_s (that mode's prediction time, shared by its protocols)."""
+    predict_s (that mode's prediction time, shared by its protocols), reason (why a reading has
+    no numbers, e.g. a crop larger than the test images; None when it has them)."""
     from cascade.data.testset import PairedTestSet, ensure_test_data
     from cascade.device import resolve_device
     from cascade.evaluate import predict, score_views
@@ -42,14 +44,21 @@ def measure_readings(cfg: TrialConfig, modes: Sequence[str], protocols: Sequence
     rows: list[dict[str, Any]] = []
     for mode in modes:
         t0 = time.perf_counter()
-        items = list(predict(model, testset, device, cfg.evaluated_base_kind, mode, eval_size))
+        view = mode not in INFERENCE_MODES
+        try:
+            items = list(predict(model, testset, device, cfg.evaluated_base_kind, mode, eval_size))
+        except UserError as exc:  # e.g. views larger than the images: this reading only
+            rows += [{"eval_mode": mode, "eval_size": eval_size if view else None,
+                      "protocol": protocol, "n_images": len(testset), **dict.fromkeys(SIX),
+                      "predict_s": None, "reason": str(exc)} for protocol in protocols]
+            continue
         predict_s = time.perf_counter() - t0
         for protocol in protocols:
             per_image = score_views(items, mode, protocol=protocol, ssim_window=cfg.ssim_window,
                                     workers=cfg.eval_workers)
             summary = summarize(per_image)
-            view = mode not in INFERENCE_MODES
             rows.append({"eval_mode": mode, "eval_size": eval_size if view else None,
                          "protocol": protocol, "n_images": len(testset),
-                         **{m: summary.get(m) for m in SIX}, "predict_s": predict_s})
+                         **{m: summary.get(m) for m in SIX}, "predict_s": predict_s,
+                         "reason": None})
     return pd.DataFrame(rows)

@@ -89,7 +89,11 @@ def markdown(compared: pd.DataFrame, paper: dict[str, float], where: str) -> str
     for _, row in compared.iterrows():
         cells = [reading_name(row), *(_fmt(m, row[m]) for m in METRICS), _fmt("distance", row["distance"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", verdict(compared), "",
+    lines += ["", verdict(compared)]
+    if "reason" in compared:
+        for _, row in compared[compared["reason"].notna()].drop_duplicates("eval_mode").iterrows():
+            lines.append(f"Not measured: {row['eval_mode']} ({row['reason']}).")
+    lines += ["",
               "distance: RMS over the six numbers of (ours - paper), in units of 1 dB (PSNR) and "
               "0.01 (SSIM)."]
     return "\n".join(lines) + "\n"
@@ -131,8 +135,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluation modes to try (default: all)")
     p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS),
                    help="region protocols to try (default: all)")
-    p.add_argument("--eval-size", type=int, default=128,
-                   help="side of the views of the resize/crop/tiles modes (default: %(default)s)")
+    p.add_argument("--eval-size", type=int,
+                   help="side of the views of the resize/crop/tiles modes (default: the space's "
+                        "eval_size, 128 unless it sets one)")
     return p
 
 
@@ -146,12 +151,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     space = load_space(args.space, data=args.data, backgrounds=args.backgrounds,
                        test_data=args.test_data, checkpoint=args.checkpoint,
-                       base_kind=args.base_kind, eval_size=args.eval_size)
+                       base_kind=args.base_kind)
     refs = [c for c in space.cells if c.kind == "reference"]
     if not refs:
         raise UserError(f"{args.space}: no reference cell (set `reference: true`)")
     cfg = refs[0].config
-    measured = measure_readings(cfg, args.modes, args.protocols, args.eval_size)
+    size = args.eval_size if args.eval_size is not None else cfg.eval_size
+    measured = measure_readings(cfg, args.modes, args.protocols, size)
     paper = paper_reference()
     compared = compare(measured, paper)
     root = args.results / space.name

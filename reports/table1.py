@@ -464,7 +464,8 @@ def table1_latex(table: pd.DataFrame, *, caption: str, label: str = "tab:table1"
     cells, bold = [], []
     values_of = [*METRICS, LPIPS_METRIC]
     # Best among ours + reference, judged on the printed (rounded) values so ties all show bold.
-    rounded = {m: table[m].round(DECIMALS[m]) for m in values_of}
+    # The control is a check, not a method: it is never the best of a column.
+    rounded = {m: table[m].where(table["method"] != "control").round(DECIMALS[m]) for m in values_of}
     best = {m: rounded[m].max() for m in METRICS}  # PSNR and SSIM: higher is better
     best[LPIPS_METRIC] = rounded[LPIPS_METRIC].min()  # a distance: lower is better
     for i, row in enumerate(table.itertuples(index=False)):

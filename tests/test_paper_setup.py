@@ -125,3 +125,44 @@ def test_fake_v1_tree_runs_table1_with_its_control_and_reference_check(ray_sessi
     # The reference row of the sweep is one of the readings, exactly.
     row = compared[(compared["eval_mode"] == "resize-bilinear") & (compared["protocol"] == "masked")]
     assert row["psnr_entire"].item() == pytest.approx(ref["psnr_entire"], abs=1e-9)
+
+
+def test_reference_check_compares_sorts_and_names_readings_without_numbers():
+    from reports import reference_check as rc
+
+    paper = rc.paper_reference()
+    near = {m: paper[m] + (0.1 if m.startswith("psnr") else 0.001) for m in paper}
+    far = {m: paper[m] + (2.0 if m.startswith("psnr") else 0.02) for m in paper}
+    measured = pd.DataFrame([
+        {"eval_mode": "tiles", "eval_size": 128, "protocol": "masked", **far, "reason": None},
+        {"eval_mode": "native", "eval_size": None, "protocol": "flare7k", **near, "reason": None},
+        {"eval_mode": "center-crop", "eval_size": 128, "protocol": "masked",
+         **dict.fromkeys(paper), "reason": "eval_mode=center-crop: too small"}])
+    out = rc.compare(measured, paper)
+    assert list(out["eval_mode"]) == ["native", "tiles", "center-crop"]  # nearest first, NaN last
+    assert out["distance"].iloc[0] == pytest.approx(0.1) and out["distance"].iloc[1] == pytest.approx(2.0)
+    assert list(out["nearest"]) == [True, False, False] and np.isnan(out["distance"].iloc[2])
+    text = rc.markdown(out, paper, "test")
+    assert "Nearest: native / flare7k, distance 0.10" in text
+    assert "Not measured: center-crop (eval_mode=center-crop: too small)." in text
+
+
+def test_view_sizes_and_null_loader_fail_early_and_keep_ids():
+    from cascade.config import TrialConfig
+    from cascade.errors import UserError
+    from orchestrator import identity
+
+    with pytest.raises(UserError, match="eval_mode=tiles cuts eval_size=128 px views from the "
+                                        "procedural test images of test_size=64"):
+        TrialConfig.from_dict({"eval_mode": "tiles", "test_size": 64})
+    TrialConfig.from_dict({"eval_mode": "resize-area", "test_size": 64})  # a resize is fine
+    # data_loader null is the by-layout rule every trial used before the field: not in the id.
+    cfg = TrialConfig.from_dict({"data": "/d", "backgrounds": "/b"})
+    inputs = {"version": 1}
+    assert identity.training_key(cfg, inputs) != identity.training_key(
+        cfg.replace(data_loader="flare7k"), inputs)
+    values = {f: cfg.to_dict()[f] for f in identity.training_fields() if f != "data_loader"}
+    from cascade.io import digest
+
+    assert identity.training_key(cfg, inputs) == digest({"fields": {
+        f: v for f, v in values.items() if f not in ("random_erasing_on",)}, "inputs": inputs})
