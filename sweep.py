@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray_auth
 from cascade.config import EVAL_MODES, PROTOCOLS, VIEW_MODES, TrialConfig
 from cascade.errors import UserError, cli_errors, first_line
 from orchestrator import preflight
@@ -169,7 +170,10 @@ def _connect(opts: RunOptions) -> bool:
 
     A local run always starts its own Ray (`address="local"`): it never attaches to processes left
     behind by a killed driver or to someone else's cluster. An address that does not answer is a
-    UserError after `connect_timeout_s`, not a hang (ray.init retries for minutes). Either way the
+    UserError after `connect_timeout_s`, not a hang (ray.init retries for minutes), and one that
+    refuses this driver's token (or its lack of one) a UserError saying how to fix it, at once
+    (`ray_auth.check_token`). A local Ray runs with token authentication and a token of its own
+    (`ray_auth.local_token_auth`, in `start_local_ray`). Either way the
     job's runtime_env carries what trials need from the driver's environment (`_trial_env`), and
     SIGTERM / SIGUSR1 interrupt like Ctrl-C from then on (`_interrupt_on_signals`).
     """
@@ -190,6 +194,7 @@ def _connect(opts: RunOptions) -> bool:
 
     def attach() -> None:
         try:
+            ray_auth.check_token(opts.address)
             ray.init(address=opts.address, log_to_driver=False, logging_level=logging.WARNING,
                      runtime_env=runtime_env)
             outcome["error"] = None
@@ -203,9 +208,14 @@ def _connect(opts: RunOptions) -> bool:
         raise UserError(f"Ray at RAY_ADDRESS={opts.address} did not answer within "
                         f"{opts.connect_timeout_s:g}s; check the address (`ray status` on the head "
                         "node) or unset RAY_ADDRESS to run locally")
-    if outcome["error"] is not None:
+    error = outcome["error"]
+    if isinstance(error, UserError):
+        raise error
+    if isinstance(error, ray.exceptions.AuthenticationError):  # RAY_ADDRESS=auto, for one
+        raise UserError(ray_auth.refusal(opts.address)) from None
+    if error is not None:
         raise UserError(f"cannot attach to Ray at RAY_ADDRESS={opts.address}: "
-                        f"{type(outcome['error']).__name__}: {first_line(outcome['error'])}")
+                        f"{type(error).__name__}: {first_line(error)}")
     _interrupt_on_signals()
     return True
 
@@ -273,6 +283,7 @@ def start_local_ray(tries: int = 3, **init_kwargs: Any) -> None:
 
     for name, value in RAYLET_CLEANUP.items():
         os.environ.setdefault(name, value)  # read by the raylet ray.init starts
+    ray_auth.local_token_auth()
     for attempt in range(1, tries + 1):
         try:
             ray.init(address="local", include_dashboard=False, **init_kwargs)

@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,13 @@ def ray_session():
     ray = pytest.importorskip("ray")
     import sweep
 
+    # start_local_ray sets RAY_AUTH_MODE and RAY_AUTH_TOKEN (the local Ray's own token) in this
+    # process; the processes later tests start must not inherit them.
+    saved = {k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")}
     sweep.start_local_ray(num_cpus=2, log_to_driver=False,
                           runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
     yield ray
     ray.shutdown()
+    for name in [k for k in os.environ if k.startswith("RAY_AUTH")]:
+        del os.environ[name]
+    os.environ.update(saved)

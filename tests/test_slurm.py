@@ -10,8 +10,8 @@ preemption) stopped it. Against a real single-node SLURM: see the second half.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_helpers import fake_python, free_port, readme_command, substitute, token_home, user_env
+from test_sweep import FAKE_MAIN, TESTS, _write
+
+import sweep
+from cascade.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm" / "sweep.sbatch"
@@ -77,12 +82,6 @@ while True:
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def stubs(tmp_path: Path) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
@@ -97,7 +96,7 @@ def stubs(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "log"),
             "PYTHON": str(bin_dir / "python"), "REAL_PYTHON": sys.executable,
-            "RAY_PORT": str(_free_port()), "RAY_AUTH_TOKEN_PATH": str(token),
+            "RAY_PORT": str(free_port()), "RAY_AUTH_TOKEN_PATH": str(token),
             "RAY_WORKER_WAIT_S": "0.3"}
 
 
@@ -217,3 +216,201 @@ def test_a_head_that_does_not_start_ends_the_job(stubs, tmp_path):
     assert job.returncode == 1, out
     assert f"the Ray head on node1 did not answer at 127.0.0.1:{stubs['RAY_PORT']}" in out
     assert not any(line.startswith("driver") for line in _log(stubs))
+
+
+# -- against a real single-node SLURM (issue 29) ------------------------------------------------
+# slurmctld + slurmd + munged on this machine (.ci/run starts them: scripts/ci/start_slurm.sh), the
+# README's sbatch command with a node's worth of sizing options, the fake trainer of
+# tests/test_sweep.py (through sweep.sbatch's PYTHON), no virtual environment on PATH, and the Ray
+# token in a home of the test's, made with the README's command.
+
+SLURM_SPACE = {
+    "name": "mini", "grid": {"k": [1, 2], "lambda_": [0.5]},
+    "fixed": {"steps": 24, "log_every": 2, "checkpoint_every": 2, "encoder": "small_cpu",
+              "encoder_pretrained": False},
+    "reference": False, "control": False, "seeds": [0], "resources": {"cpu": 0.5, "gpu": 0},
+    "max_concurrent": 2, "max_failures": 1,
+}
+SAME = ("psnr_entire", "psnr_streak", "psnr_glare", "ssim_entire", "ssim_streak", "ssim_glare",
+        "steps", "n_images", "trial_id", "eval_id")
+
+
+def _no_slurm() -> str | None:
+    """Why there is no SLURM to submit to here, or None."""
+    for tool in ("sbatch", "scontrol", "scancel", "sinfo"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found"
+    try:
+        info = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo: {exc}"
+    if info.returncode != 0 or not {"idle", "mix"} & set(info.stdout.split()):
+        return f"no idle node (sinfo: {(info.stdout + info.stderr).strip() or 'nothing'})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    why = _no_slurm()
+    if why:
+        message = (f"no SLURM cluster here ({why}); .ci/run installs Debian's slurm-wlm and munge "
+                   "and starts them (scripts/ci/start_slurm.sh)")
+        if os.environ.get("FLARESWEEP_REQUIRE_SLURM") == "1":  # .ci/run started one: it must work
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _job(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict ({} once SLURM has forgotten the job)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                         timeout=30).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def _until(what: str, check, timeout: float = 180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _slurm_metrics(results: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((results / "mini" / "trials").glob("*/evals/*/metrics.json")):
+        metrics = read_json(path)
+        out[metrics["trial_id"]] = {k: metrics.get(k) for k in SAME}
+    return out
+
+
+def _steps(results: Path) -> list[int]:
+    return [read_json(p).get("step") or 0 for p in (results / "mini" / "trials").glob("*/progress.json")]
+
+
+class _Jobs:
+    """The jobs a test submitted: the README's sbatch command, each cancelled by its id at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.space = _write(tmp_path, SLURM_SPACE)
+        self.results = tmp_path / "results"
+        python = fake_python(tmp_path)
+        home = token_home(tmp_path)
+        # No venv on PATH: the recipe runs the Ray of its PYTHON. The README's shell exported
+        # RAY_AUTH_MODE, but the recipe must not need it: it is left out here.
+        env = user_env(home, venv=False, PYTHON=str(python), RAY_PORT=str(free_port()),
+                       FAKE_STEP_S="0.25")
+        self.env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+        # The README's command; the paths the test's, sized to this one node without GPUs.
+        self.command = substitute(readme_command("sbatch scripts/slurm/sweep.sbatch"), {
+            "sbatch scripts/": f"sbatch --nodes=1 --cpus-per-task=1 --gpus-per-task=0 "
+                               f"--output={tmp_path}/job-%j.out scripts/",
+            "search_spaces/table1.yaml": str(self.space),
+            " --data /nfs/Flare7Kpp --checkpoint /nfs/net_g_last.pth": "",
+            "/nfs/flaresweep-results": str(self.results)})
+        self.ids: list[str] = []
+
+    def submit(self) -> str:
+        done = subprocess.run(["bash", "-c", self.command], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        job_id = done.stdout.split()[-1]  # "Submitted batch job N"
+        self.ids.append(job_id)
+        return job_id
+
+    def at_step(self, job_id: str, step: int) -> bool:
+        """Whether both trials reached `step`; AssertionError when the job ended before."""
+        if self.ended(job_id):
+            raise AssertionError(f"job {job_id} ended early:\n{self.output(job_id)}")
+        steps = _steps(self.results)
+        return len(steps) == 2 and min(steps) >= step
+
+    def output(self, job_id: str) -> str:
+        path = self.tmp / f"job-{job_id}.out"
+        return path.read_text() if path.exists() else ""
+
+    def ended(self, job_id: str) -> dict[str, str] | None:
+        job = _job(job_id)
+        if job.get("JobState") in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL"):
+            return job
+        return None
+
+    def cancel_all(self) -> None:
+        for job_id in self.ids:
+            if _job(job_id).get("JobState") not in (None, "COMPLETED", "CANCELLED", "FAILED"):
+                subprocess.run(["scancel", job_id], timeout=30)
+        for job_id in self.ids:
+            _until(f"job {job_id} to end", lambda j=job_id: _job(j).get("JobState") != "COMPLETING"
+                   and not _job(j).get("JobState", "").startswith(("RUNNING", "PENDING")), 120)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory) -> dict[str, dict]:
+    """The metrics of the same space run in one go by a local Ray."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLURM_"))}
+    done = subprocess.run([sys.executable, "-c", FAKE_MAIN, "run", "--space",
+                           str(_write(tmp, SLURM_SPACE)), "--results", str(tmp / "results"),
+                           "--cpus", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(TESTS), "FAKE_STEP_S": "0.05"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    metrics = _slurm_metrics(tmp / "results")
+    assert len(metrics) == 2
+    return metrics
+
+
+@pytest.mark.slow
+def test_usr1_requeues_and_the_resumed_sweep_equals_an_uninterrupted_one(tmp_path, uninterrupted):
+    jobs = _Jobs(tmp_path)
+    try:
+        job_id = jobs.submit()
+        _until("both trials at step 4", lambda: jobs.at_step(job_id, 4))
+        # What `--signal=B:USR1@300` does 5 minutes before the time limit, now.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+        _until("the requeue", lambda: _job(job_id).get("Restarts") == "1")
+        # SLURM starts a requeued job once its credential expired (scripts/ci/start_slurm.sh: 10 s).
+        job = _until("the resumed job to end", lambda: jobs.ended(job_id), 300)
+    finally:
+        jobs.cancel_all()
+    out = jobs.output(job_id)
+    print(out)  # shown with -s
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", (job, out)
+    assert f"flaresweep: job {job_id} (restart 0): Ray head" in out
+    assert "flaresweep: USR1 received; stopping the sweep" in out
+    assert "mini: stopped by SIGTERM; run the same command again to resume." in out
+    assert f"flaresweep: requeueing job {job_id}" in out
+    assert f"flaresweep: job {job_id} (restart 1): Ray head" in out
+    assert "mini: complete." in out
+    assert "Token authentication is disabled" not in out and "No such file" not in out
+    calls = (jobs.results / "mini" / "calls.log").read_text().splitlines()
+    assert len(calls) == 4 and sum(" start=0 " not in c for c in calls) == 2, calls  # both resumed
+    assert _slurm_metrics(jobs.results) == uninterrupted
+
+
+@pytest.mark.slow
+def test_scancel_stops_without_a_requeue_and_leaves_a_resumable_folder(tmp_path, uninterrupted):
+    jobs = _Jobs(tmp_path)
+    try:
+        job_id = jobs.submit()
+        _until("both trials at step 4", lambda: jobs.at_step(job_id, 4))
+        subprocess.run(["scancel", job_id], check=True, timeout=30)
+        job = _until("the cancelled job to end", lambda: jobs.ended(job_id), 120)
+    finally:
+        jobs.cancel_all()
+    out = jobs.output(job_id)
+    print(out)
+    assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", (job, out)
+    assert "requeueing" not in out
+    lines = sweep.status(jobs.space, jobs.results)
+    assert sum(" interrupted " in line for line in lines) == 2, lines  # none done, none failed
+    # Resumable: the same sweep, here on a local Ray, continues both trials from their checkpoints.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLURM_"))}
+    again = subprocess.run([sys.executable, "-c", FAKE_MAIN, "run", "--space", str(jobs.space),
+                            "--results", str(jobs.results), "--cpus", "1"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300,
+                           env={**env, "PYTHONPATH": str(TESTS), "FAKE_STEP_S": "0.05"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    calls = (jobs.results / "mini" / "calls.log").read_text().splitlines()
+    assert sum(" start=0 " not in c for c in calls) == 2, calls
+    assert _slurm_metrics(jobs.results) == uninterrupted
