@@ -196,21 +196,21 @@ def evaluate_model(model: nn.Module, testset: PairedTestSet, cfg: TrialConfig, d
         return per_image, [(stem, pred) for stem, pred, _, _ in items[: cfg.n_samples]]
     # Tiles: one row per test image (the mean over its tiles), samples stitched back together.
     samples = []
-    for stem in testset.stems[: cfg.n_samples]:
-        h, w = testset[testset.stems.index(stem)].gt.shape[:2]
+    for i, stem in enumerate(testset.stems[: cfg.n_samples]):
+        h, w = testset[i].gt.shape[:2]
         tiles = {s: pred for s, pred, _, _ in items if views.image_stem(s) == stem}
         samples.append((stem, views.stitch(h, w, cfg.eval_size, tiles)))
-    return views.image_means(per_image), samples
+    return views.per_image(per_image, cfg.eval_mode), samples
 
 
 def score_views(items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], mode: str, *,
                 protocol: str, ssim_window: str = "uniform", workers: int = 1) -> pd.DataFrame:
     """PSNR/SSIM rows (image, region, metric, value) of `predict`'s items under `protocol`, one
     row per test image and region (a tile view's rows averaged per image)."""
-    from cascade.data.views import image_means
+    from cascade.data.views import per_image
 
     per_view = evaluate_arrays(items, protocol=protocol, ssim_window=ssim_window, workers=workers)
-    return image_means(per_view) if mode == "tiles" else per_view
+    return per_image(per_view, mode)
 
 
 def evaluation_summary(per_image: pd.DataFrame) -> dict[str, Any]:

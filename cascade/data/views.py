@@ -169,6 +169,12 @@ def image_means(per_view: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def per_image(rows: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Metric rows of `mode`'s views as one row per test image and region: `image_means` for
+    tiles, the rows as they are for every other mode (one view per image)."""
+    return image_means(rows) if mode == "tiles" else rows
+
+
 def stitch(height: int, width: int, size: int, tiles: dict[str, np.ndarray]) -> np.ndarray:
     """One image's tile predictions (view stem -> (size, size, 3) uint8) put back in place:
     (height, width, 3) uint8, zero outside the grid (what a qualitative figure shows)."""
